@@ -1,0 +1,59 @@
+# marpipe: `make build` packages every example, `make test` runs the tests. `make help` lists targets.
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,gpu
+TORCH  ?= torch==2.13.0
+EXTRAS ?= dev
+STORE  ?= model_store
+PY     := $(VENV)/bin/python
+MARPIPE := $(VENV)/bin/marpipe
+STAMP  := $(VENV)/.installed
+SPECS  := $(wildcard examples/*.yaml)
+CKPTS  := examples/checkpoints/.done
+
+.PHONY: help setup build test smoke serve lint bench clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install torch (TORCH=...) and marpipe with its dev extras
+
+$(STAMP): pyproject.toml
+	@java -version 2>&1 | grep -qE 'version "(1[1-9]|[2-9][0-9])' || { \
+	  echo "TorchServe needs Java 11 or newer and none was found on PATH."; \
+	  echo "Install it: apt-get install openjdk-17-jre-headless (Debian/Ubuntu), or set JAVA_HOME."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@case ",$(EXTRAS)," in *,gpu,*) $(PY) -m pip uninstall -q -y onnxruntime; \
+	  $(PY) -m pip install -q --force-reinstall --no-deps onnxruntime-gpu;; esac
+	@touch $@
+
+$(CKPTS): examples/make_checkpoints.py $(wildcard examples/models/*.py) | $(STAMP)
+	$(PY) examples/make_checkpoints.py
+	@touch $@
+
+build: $(STAMP) $(CKPTS) ## package every example spec in every format into $(STORE)/ (<name>_<format>.mar)
+	$(MARPIPE) build $(SPECS) --format all --store $(STORE) --report build/report.json
+
+test: $(STAMP) ## run the whole test suite (starts real TorchServe instances on loopback)
+	$(PY) -m pytest
+
+smoke: build ## serve $(STORE)/ with TorchServe and check each archive answers like eager
+	$(MARPIPE) smoke --store $(STORE)
+
+serve: build ## serve $(STORE)/ on 127.0.0.1:8080 with the safe configuration (Ctrl-C stops)
+	$(MARPIPE) serve --store $(STORE)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check pipeline handlers tests examples benchmarks
+	$(VENV)/bin/ruff format --check pipeline handlers tests examples benchmarks
+
+bench: $(STAMP) ## packaging, cold-start and throughput benchmarks (SIZE_GB=1 by default)
+	$(PY) benchmarks/bench.py --size-gb $(or $(SIZE_GB),1)
+
+clean: ## remove built archives, reports and example checkpoints
+	rm -rf $(STORE)/*.mar $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
+
+distclean: clean ## also remove the virtual environment
+	rm -rf $(VENV) *.egg-info

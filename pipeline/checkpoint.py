@@ -1,0 +1,290 @@
+"""Reading checkpoints safely: format detection by content, sha256, weights-only loading, normalisation.
+
+Nothing here ever unpickles code: torch files go through ``torch.load(weights_only=True)`` (passed
+explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off), safetensors through its own
+parser. Every failure is a `CheckpointError` with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import CheckpointError
+from pipeline.spec import KeyRename
+
+ALWAYS_STRIP = ("module.", "_orig_mod.")
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# Globals that only ever appear in a pickle to run code. Seeing one means the file is hostile.
+DANGEROUS_MODULES = (
+    "os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket", "importlib",
+    "runpy", "pty", "code", "codecs", "webbrowser", "ctypes", "pickle", "marshal", "types", "operator",
+    "functools", "multiprocessing", "asyncio", "signal", "tempfile", "io", "platform",
+)
+CHUNK = 8 << 20
+
+
+@dataclass
+class RawCheckpoint:
+    """What was read from the file, before it meets the architecture."""
+
+    path: Path
+    format: str  # torch-zip | torch-legacy | safetensors
+    sha256: str
+    size: int
+    state_dict: dict[str, Any]
+    nested_key: str | None = None
+    stripped: list[str] = field(default_factory=list)
+    renamed: int = 0
+    ignored_extras: list[str] = field(default_factory=list)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    """Tell the checkpoint format from the bytes, not the file name."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read: {exc.strerror or exc}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty")
+    if head[:4] == b"PK\x03\x04":
+        return _zip_kind(path)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= size - 8:
+            return "safetensors"
+        if head[8:9] == b"{":
+            raise CheckpointError(f"checkpoint {path}: safetensors header is cut off (declares {n} bytes, file has {size - 8}): the file is truncated")
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or head[2:3] == b"\x12"):
+        raise CheckpointError(f"checkpoint {path}: this looks like an ONNX model, not a state_dict; give the torch or safetensors checkpoint it was exported from")
+    raise CheckpointError(
+        f"checkpoint {path}: not a recognised checkpoint (expected a torch zip .pt/.pth/.ckpt or safetensors); "
+        "the file is corrupt or of another kind"
+    )
+
+
+def _zip_kind(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if "MAR-INF/MANIFEST.json" in names:
+                raise CheckpointError(f"checkpoint {path}: this is a TorchServe .mar archive, not a checkpoint; give the state_dict file")
+            if not any(n.endswith("data.pkl") for n in names):
+                raise CheckpointError(f"checkpoint {path}: a zip file, but not a torch checkpoint (no data.pkl inside)")
+            bad = z.testzip()  # CRC of every entry: catches flipped bytes inside tensor data too
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"checkpoint {path}: truncated or corrupt torch zip ({exc})") from None
+    except (OSError, EOFError, zipfile.LargeZipFile, NotImplementedError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: truncated or corrupt torch zip ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path}: corrupt torch zip: entry {bad} fails its CRC check (the file was damaged)")
+    return "torch-zip"
+
+
+def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckpoint:
+    """Detect, hash and safely load a checkpoint; return its tensors, unwrapped from nesting."""
+    fmt = detect_format(path)
+    digest = sha256_of(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint {path}: sha256 is {digest}, the spec pins {expected_sha256} (checkpoint.sha256); "
+            "the file changed or the pin is stale"
+        )
+    extras: list[str] = []
+    obj = _load_safetensors(path) if fmt == "safetensors" else _load_torch(path, extras)
+    sd, nested = _unwrap(path, obj)
+    return RawCheckpoint(path, fmt, digest, path.stat().st_size, sd, nested, ignored_extras=extras)
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            json.loads(f.read(n))
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError, UnicodeDecodeError, struct.error) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: corrupt safetensors file ({first[:160]})") from None
+
+
+def _load_torch(path: Path, extras: list[str]) -> Any:
+    import torch
+
+    unsafe = _unsafe_globals(path)
+    if unsafe:
+        _refuse_unsafe(path, unsafe)
+    try:
+        if unsafe:
+            # Every global outside torch's allowlist becomes an inert stub: nothing in the file is called.
+            stubs = [(type(name, (_Stub,), {"_name": name}), name) for name in unsafe]
+            extras.extend(unsafe)
+            with torch.serialization.safe_globals(stubs):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=_mmap_ok(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_mmap_ok(path))
+    except Exception as exc:  # torch raises many kinds here; all mean "this file is not loadable"
+        raise CheckpointError(f"checkpoint {path}: {_explain_torch_error(exc)}") from None
+
+
+def _mmap_ok(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    import torch
+
+    try:
+        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
+    except Exception:  # an unreadable pickle: torch.load below gives the precise reason
+        return []
+
+
+def _refuse_unsafe(path: Path, names: list[str]) -> None:
+    dangerous = [n for n in names if n.split(".")[0] in DANGEROUS_MODULES]
+    if dangerous:
+        raise CheckpointError(
+            f"checkpoint {path}: refused: the pickle calls {', '.join(dangerous[:3])}, which a state_dict never needs "
+            "(the file may be malicious); nothing from it was run"
+        )
+    modules = [n for n in names if n.startswith("torch.nn.") or n.startswith("__main__.") or _is_module_class(n)]
+    if modules:
+        raise CheckpointError(
+            f"checkpoint {path}: this is a pickled model ({modules[0]}), not a state_dict; "
+            "save model.state_dict() instead (torch.save(model.state_dict(), path))"
+        )
+
+
+def _is_module_class(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last[:1].isupper() and any(w in name.lower() for w in ("model", "net", "layer", "block"))
+
+
+class _Stub:
+    """Stands in for any non-tensor global of a checkpoint (numpy scalars, argparse.Namespace...)."""
+
+    _name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<ignored {self._name}>"
+
+
+def _explain_torch_error(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "central directory" in low or "failed reading zip" in low or "unexpected eof" in low or isinstance(exc, EOFError):
+        return "truncated or corrupt checkpoint (could not read the torch zip)"
+    if "invalid magic number" in low or "invalid load key" in low or "could not find" in low:
+        return "not a torch checkpoint, or corrupt (the pickle inside is unreadable)"
+    if "torch_force" in low:
+        return "cannot load: set only one of TORCH_FORCE_WEIGHTS_ONLY_LOAD or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return f"refused: the pickle needs {m.group(1)}, which a weights-only load does not allow; save a plain state_dict"
+    # Drop torch's advice to disable weights_only: wrong for a file we do not trust.
+    first = re.split(r"(?i)\s*(?:\(1\)|in pytorch 2\.6|if you trust|weights_only=false)", text)[0]
+    return f"cannot load safely: {first[:200]}"
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
+    """Find the state dict: the object itself, or nested under state_dict/model (Lightning, trainers)."""
+    nested: list[str] = []
+    for _ in range(3):
+        if _is_tensor_dict(obj):
+            return dict(obj), ".".join(nested) or None
+        if not isinstance(obj, dict):
+            break
+        key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
+        if key is None:
+            break
+        nested.append(key)
+        obj = obj[key]
+    if isinstance(obj, dict) and obj:
+        import torch
+
+        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        if len(bad) < len(obj):  # some tensors, some other things: not a state_dict as saved by torch
+            raise CheckpointError(
+                f"checkpoint {path}: {len(bad)} entries are not tensors ({', '.join(bad[:3])}); "
+                "save model.state_dict(), or nest it under 'state_dict'"
+            )
+        keys = ", ".join(sorted(str(k) for k in obj)[:5])
+        raise CheckpointError(
+            f"checkpoint {path}: no state_dict found (top-level keys: {keys}); nest the weights under 'state_dict' or 'model'"
+        )
+    raise CheckpointError(f"checkpoint {path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensors)")
+
+
+def normalise_keys(raw: RawCheckpoint, strip_prefix: tuple[str, ...], key_map: tuple[KeyRename, ...]) -> None:
+    """Strip DataParallel/DDP and torch.compile prefixes and the spec's own, then apply key_map; in place."""
+    sd = raw.state_dict
+    changed = True
+    while changed:
+        changed = False
+        for prefix in ALWAYS_STRIP:
+            # Only when every key has it: a model may well have a child called `module`.
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                raw.stripped.append(prefix)
+                changed = True
+    for prefix in strip_prefix:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+            raw.stripped.append(prefix)
+    for rename in key_map:
+        out = {}
+        for k, v in sd.items():
+            if rename.regex:
+                new = re.sub(rename.pattern, rename.to, k)
+            else:
+                new = rename.to + k[len(rename.pattern):] if k.startswith(rename.pattern) else k
+            raw.renamed += new != k
+            if new in out:
+                raise CheckpointError(f"checkpoint {raw.path}: checkpoint.key_map maps two keys onto {new!r}")
+            out[new] = v
+        sd = out
+    raw.state_dict = sd
+
+
+def detected_prefixes(keys: list[str]) -> list[str]:
+    """Prefixes that every key shares and that marpipe strips (module., _orig_mod.) or that look like wrappers."""
+    found = []
+    for prefix in ALWAYS_STRIP + ("model.", "net.", "backbone."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            found.append(prefix)
+    return found

@@ -1,0 +1,163 @@
+"""The `marpipe` command line. User errors print one line and exit with their code; bugs exit 1 with a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.errors import EXIT_CODES, PipelineError, SpecError
+from pipeline.spec import FORMATS
+
+
+def _formats(value: str) -> list[str]:
+    items = list(FORMATS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in FORMATS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown format {','.join(bad) or value!r}; use {', '.join(FORMATS)}, a comma list, or all")
+    return items
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="marpipe",
+        description="Turn a PyTorch state_dict and a YAML spec into a TorchServe .mar that passed parity.",
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    )
+    p.add_argument("--version", action="version", version=f"marpipe {pipeline.__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="load, export, check parity and package each spec into the store")
+    b.add_argument("specs", nargs="+", metavar="SPEC", help="model spec YAML files")
+    b.add_argument("--store", default="model_store", type=Path, help="model store folder (default: model_store)")
+    b.add_argument("--format", type=_formats, help="eager, torchscript, onnx, a comma list or all; "
+                   "with several, archives are named <name>_<format>.mar (default: the spec's export.format)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), help="parity device (default: the spec's parity.device)")
+    b.add_argument("--report", type=Path, help="write a JSON report with per-stage status and duration")
+    b.add_argument("--fail-fast", action="store_true", help="stop at the first failed build")
+
+    i = sub.add_parser("inspect", help="describe a checkpoint: format, sha256, tensors, parameters, prefixes")
+    i.add_argument("checkpoint", type=Path)
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="check archives: zip integrity, entry names, manifest, every hash (exit 6 on a fault)")
+    v.add_argument("archives", nargs="+", type=Path)
+
+    s = sub.add_parser("smoke", help="serve the store with TorchServe and replay each archive's parity inputs")
+    s.add_argument("names", nargs="*", help="model names (default: every archive in the store)")
+    s.add_argument("--store", default="model_store", type=Path)
+    s.add_argument("--timeout", type=float, default=300, help="seconds to wait for workers to be READY")
+
+    r = sub.add_parser("serve", help="run TorchServe on the store with a safe-by-default configuration")
+    r.add_argument("--store", default="model_store", type=Path)
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    r.add_argument("--port", type=int, default=8080, help="inference port; management +1, metrics +2")
+    r.add_argument("--no-auth", action="store_true", help="turn token authorization off (trusted networks only)")
+    r.add_argument("--enable-model-api", action="store_true", help="allow registering models over the management API")
+    r.add_argument("--workdir", type=Path, default=Path(".marpipe-serve"), help="config, logs, key file and temp folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PipelineError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("error: internal error in marpipe (a bug): please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.spec import load_spec
+
+    specs = [load_spec(p) for p in args.specs]  # every spec is validated before any work starts
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpecError("--device cuda: torch sees no GPU here; use --device auto or cpu")
+    jobs = [s.with_format(f, suffix=len(args.format) > 1) for s in specs for f in args.format] if args.format else specs
+    names = [j.name for j in jobs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecError(f"two builds would write the same archive: {', '.join(dup)}.mar; give the specs different names")
+    from pipeline.runner import build
+
+    reports: list[dict[str, Any]] = []
+    first_error: PipelineError | None = None
+    for job in jobs:
+        try:
+            reports.append(build(job, args.store, args.device).as_dict())
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            reports.append(getattr(exc, "report", None) or _failed(job, exc))
+            first_error = first_error or exc
+            if args.fail_fast:
+                break
+        finally:
+            if args.report:
+                _write_json(args.report, {"marpipe": pipeline.__version__, "builds": reports})
+    ok = sum(r["status"] == "ok" for r in reports)
+    print(f"{ok} of {len(jobs)} archives built into {args.store}", file=sys.stderr)
+    return first_error.exit_code if first_error else 0
+
+
+def _failed(job: Any, exc: PipelineError) -> dict[str, Any]:
+    return {"spec": str(job.source), "name": job.name, "format": job.export.format, "status": "failed",
+            "exit_code": exc.exit_code, "error": str(exc)}
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect import describe, render
+
+    info = describe(args.checkpoint)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.archive import verify
+
+    bad = 0
+    for path in args.archives:
+        faults = verify(path)
+        bad += bool(faults)
+        print(f"{'ok  ' if not faults else 'FAIL'} {path}" + "".join(f"\n     {f}" for f in faults))
+    return 6 if bad else 0
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from pipeline.smoke import smoke
+
+    return smoke(args.store, args.names, args.timeout)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.server import serve_forever
+
+    return serve_forever(args)
+
+
+COMMANDS = {"build": cmd_build, "inspect": cmd_inspect, "verify": cmd_verify, "smoke": cmd_smoke, "serve": cmd_serve}

@@ -1,0 +1,52 @@
+"""Deterministic test inputs generated from the spec's declared inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.spec import BATCH, Spec
+
+SEED = 20240229
+
+
+def shapes(spec: Spec, batch_sizes: tuple[int, ...] | None = None) -> list[dict[str, int]]:
+    """Every batch size, each with every index of the dynamic dims' sizes (so each dim takes ≥ 2 values)."""
+    sizes = spec.dims
+    width = max((len(v) for v in sizes.values()), default=1)
+    out = []
+    for b in batch_sizes or spec.parity.batch_sizes:
+        for j in range(width):
+            out.append({BATCH: b, **{d: v[j % len(v)] for d, v in sizes.items()}})
+    return out
+
+
+def make(spec: Spec, dims: dict[str, int], seed: int) -> dict[str, Any]:
+    """One set of named CPU tensors: floats standard normal (or uniform in range), ints uniform in [low, high)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in spec.inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in t.shape]
+        dtype = getattr(torch, t.dtype)
+        if t.dtype == "bool":
+            value = torch.randint(0, 2, shape, generator=gen).bool()
+        elif dtype.is_floating_point:
+            if t.range is None:
+                value = torch.randn(shape, generator=gen)
+            else:
+                low, high = t.range
+                value = torch.rand(shape, generator=gen) * (high - low) + low
+            value = value.to(dtype)
+        else:
+            low, high = t.range
+            value = torch.randint(int(low), int(high), shape, generator=gen, dtype=dtype)
+        out[t.name] = value
+    return out
+
+
+def example(spec: Spec) -> dict[str, Any]:
+    """Inputs to trace/export with: batch 2 or more (a trace at batch 1 bakes broadcasting in)."""
+    dims = {BATCH: max(2, max(spec.parity.batch_sizes))}
+    dims.update({d: max(v) for d, v in spec.dims.items()})
+    return make(spec, dims, SEED - 1)

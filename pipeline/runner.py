@@ -1,0 +1,105 @@
+"""The one runner: runs the stages in order, times and reports each, stops at the first failure."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import PipelineError
+from pipeline.spec import Spec
+
+STAGES = ("load", "export", "parity", "package")
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str = "skipped"  # ok | failed | skipped
+    duration_s: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class BuildReport:
+    spec: str
+    name: str
+    format: str
+    stages: list[StageResult] = field(default_factory=lambda: [StageResult(s) for s in STAGES])
+    archive: str | None = None
+    error: str | None = None
+    exit_code: int = 0
+    parity: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec, "name": self.name, "format": self.format, "status": "failed" if self.error else "ok",
+            "exit_code": self.exit_code, "error": self.error, "archive": self.archive, "parity": self.parity,
+            "stages": [vars(s) for s in self.stages],
+        }
+
+
+def _timed(report: BuildReport, name: str, fn: Callable[[], Any], detail: Callable[[Any], str]) -> Any:
+    stage = next(s for s in report.stages if s.name == name)
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except BaseException:
+        stage.status, stage.duration_s = "failed", round(time.perf_counter() - start, 3)
+        _say(report.name, stage)
+        raise
+    stage.status, stage.duration_s, stage.detail = "ok", round(time.perf_counter() - start, 3), detail(result)
+    _say(report.name, stage)
+    return result
+
+
+def _say(name: str, stage: StageResult) -> None:
+    print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}", file=sys.stderr)
+
+
+def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
+    """Build one archive. Raises the stage's PipelineError after recording it in the report's stages."""
+    from pipeline.stages import export, load, package, parity
+
+    report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
+    dev = parity.resolve_device(spec, device)
+    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{spec.name}-"))  # private staging: builds never share it
+    try:
+        loaded = _timed(report, "load", lambda: load.run(spec), _load_detail)
+        exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
+        sources = package.stage_sources(spec, workdir)
+        meta = package.metadata(spec, loaded, exported)
+        checked = _timed(
+            report, "parity", lambda: parity.run(spec, loaded, workdir, meta, dev),
+            lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
+        )
+        report.parity = checked.record()
+        packed = _timed(
+            report, "package", lambda: package.run(spec, store, workdir, sources, exported, meta, checked),
+            lambda p: f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries)",
+        )
+        report.archive = str(packed.archive)
+    except PipelineError as exc:
+        report.error, report.exit_code = str(exc), exc.exit_code
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _load_detail(loaded: Any) -> str:
+    ck = loaded.checkpoint
+    parts = [ck.format, f"{len(ck.state_dict)} tensors"]
+    if ck.nested_key:
+        parts.append(f"from '{ck.nested_key}'")
+    if ck.stripped:
+        parts.append("stripped " + " ".join(ck.stripped))
+    if loaded.skipped:
+        parts.append(f"skipped {len(loaded.skipped)} keys ({', '.join(loaded.skipped[:3])})")
+    if ck.ignored_extras:
+        parts.append(f"ignored extras ({', '.join(ck.ignored_extras[:3])})")
+    return ", ".join(parts)

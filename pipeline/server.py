@@ -1,0 +1,236 @@
+"""Running a real TorchServe 0.12 on loopback: safe configuration, free ports, private folders, clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PackageError
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    workdir: Path
+    host: str
+    ports: dict[str, int]
+    models: dict[str, str]  # model name → archive file name
+    auth: bool
+    own_workdir: bool = False
+    _keys: dict[str, str] = field(default_factory=dict)
+
+    def url(self, api: str, path: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.ports[api]}{path}"
+
+    def key(self, kind: str) -> str | None:
+        """The token for `inference` or `management` when token authorization is on."""
+        if not self.auth:
+            return None
+        if not self._keys:
+            doc = json.loads((self.workdir / "key_file.json").read_text())
+            self._keys = {k: v["key"] for k, v in doc.items() if isinstance(v, dict) and "key" in v}
+        return self._keys.get(kind)
+
+    def request(self, api: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                method: str | None = None, timeout: float = 60, auth: bool = True) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request; returns (status, headers, body) for every status, errors included."""
+        headers = dict(headers or {})
+        token = self.key("management" if api == "management" else "inference") if auth else None
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url(api, path), data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers or {}), exc.read()
+
+    def log_tail(self, lines: int = 20) -> str:
+        out = []
+        for name in ("model_log.log", "ts_log.log"):
+            p = self.workdir / "logs" / name
+            if p.exists():
+                out += p.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(out)
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def archive_model_name(path: Path) -> str:
+    """The model name TorchServe registers for an archive: its manifest's modelName."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise PackageError(f"{path}: not a loadable archive ({exc}); run marpipe verify {path}") from None
+
+
+def config_text(store: Path, archives: list[str], host: str, ports: dict[str, int], auth: bool, model_api: bool) -> str:
+    """A TorchServe config that is safe by default: loopback only, tokens on, no model registration API."""
+    h = f"[{host}]" if ":" in host else host
+    store = store.resolve()
+    lines = {
+        "inference_address": f"http://{h}:{ports['inference']}",
+        "management_address": f"http://{h}:{ports['management']}",
+        "metrics_address": f"http://{h}:{ports['metrics']}",
+        "grpc_inference_address": host,
+        "grpc_inference_port": ports["grpc_inference"],
+        "grpc_management_address": host,
+        "grpc_management_port": ports["grpc_management"],
+        "model_store": str(store),
+        "load_models": ",".join(archives) if archives else "",
+        "disable_token_authorization": str(not auth).lower(),
+        "enable_model_api": str(model_api).lower(),
+        "allowed_urls": f"file://{store}/.*",
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+        "default_workers_per_model": 1,
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def start(store: Path, archives: list[Path] | None = None, *, host: str = "127.0.0.1", port: int | None = None,
+          auth: bool = True, model_api: bool = False, workdir: Path | None = None) -> Server:
+    """Start TorchServe in its own process group with its own config, logs and temp folder."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise PackageError("TorchServe needs Java 11+ and none was found; install it (apt-get install openjdk-17-jre-headless)")
+    store = store.resolve()
+    archives = sorted(archives if archives is not None else store.glob("*.mar"))
+    if not archives:
+        raise PackageError(f"no .mar archives in {store}; run marpipe build first")
+    models = {archive_model_name(a): a.name for a in archives}
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="marpipe-ts-")) if own else workdir.resolve()
+    for sub in ("logs", "tmp"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    (workdir / "key_file.json").unlink(missing_ok=True)
+    if port is None:
+        numbers = free_ports(5, host)
+    else:
+        numbers = [port, port + 1, port + 2, *free_ports(2, host)]
+    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), numbers))
+    config = workdir / "config.properties"
+    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api))
+    env = dict(os.environ, TEMP=str(workdir / "tmp"), TMPDIR=str(workdir / "tmp"),
+               LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    cmd = [_torchserve(), "--start", "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
+    if not auth:
+        cmd.append("--disable-token-auth")
+    if model_api:
+        cmd.append("--enable-model-api")
+    out = open(workdir / "logs" / "console.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    return Server(proc, workdir, host, ports, models, auth, own_workdir=own)
+
+
+def _torchserve() -> str:
+    here = Path(sys.executable).parent / "torchserve"
+    return str(here) if here.exists() else (shutil.which("torchserve") or "torchserve")
+
+
+def wait_ready(server: Server, timeout: float) -> dict[str, str]:
+    """Wait until every model has a READY worker; returns name → status ('READY' or what went wrong)."""
+    deadline = time.monotonic() + timeout
+    status = {name: "not registered" for name in server.models}
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return {n: s if s == "READY" else f"TorchServe exited ({server.proc.returncode})" for n, s in status.items()}
+        for name in status:
+            if status[name] != "READY":
+                status[name] = _model_status(server, name)
+        if all(s == "READY" for s in status.values()):
+            return status
+        time.sleep(0.5)
+    return status
+
+
+def _model_status(server: Server, name: str) -> str:
+    try:
+        code, _, body = server.request("management", f"/models/{name}", timeout=5)
+    except (OSError, ValueError):
+        return "server not answering yet"
+    if code != 200:
+        return "not registered" if code == 404 else f"management API answered {code}"
+    try:
+        workers = json.loads(body)[0].get("workers", [])
+    except (ValueError, IndexError, AttributeError):
+        return "unreadable model description"
+    if any(w.get("status") == "READY" for w in workers):
+        return "READY"
+    return ", ".join(sorted({str(w.get("status")) for w in workers})) or "no workers"
+
+
+def stop(server: Server) -> None:
+    """Stop TorchServe and every worker it started (they share its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGTERM)
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGKILL)  # workers that outlived the frontend
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.proc.wait(timeout=5)
+    if server.own_workdir:
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(store: Path, archives: list[Path] | None = None, **kwargs: Any):
+    server = start(store, archives, **kwargs)
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+def serve_forever(args: Any) -> int:
+    """`marpipe serve`: TorchServe in the foreground with the safe configuration until Ctrl-C."""
+    server = start(args.store, host=args.host, port=args.port, auth=not args.no_auth,
+                   model_api=args.enable_model_api, workdir=args.workdir)
+    try:
+        print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
+        print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
+        status = wait_ready(server, 600)
+        for name, s in sorted(status.items()):
+            print(f"  {name:<28} {s}", file=sys.stderr)
+        if server.auth:
+            print(f"token authorization is on: keys in {server.workdir / 'key_file.json'}; "
+                  "send 'Authorization: Bearer <inference key>'", file=sys.stderr)
+        if server.proc.poll() is None:
+            print("serving; Ctrl-C stops", file=sys.stderr)
+            server.proc.wait()
+        return 0 if server.proc.returncode in (0, None) else 6
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(server)

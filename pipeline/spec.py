@@ -1,0 +1,462 @@
+"""The model spec: parsed and validated once, at the entry point, before torch is imported.
+
+Every error names the spec file and the field path, e.g.
+``specs/mlp.yaml: architecture.class: 'MLP2' not defined in models/mlp.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pipeline.errors import SpecError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FORMATS = ("eager", "torchscript", "onnx")
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+CAST_DTYPES = ("float32", "float64", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+BATCH = "batch"
+DEFAULT_DIM_SIZES = (3, 7)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    range: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    atol: float | None = None
+    rtol: float | None = None
+
+
+@dataclass(frozen=True)
+class KeyRename:
+    pattern: str  # a prefix, or a regular expression when `regex` is true
+    to: str
+    regex: bool = False
+
+
+@dataclass(frozen=True)
+class Architecture:
+    file: Path
+    class_name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    sha256: str | None = None
+    strict: bool = True
+    strip_prefix: tuple[str, ...] = ()
+    key_map: tuple[KeyRename, ...] = ()
+    dtype: str | None = None
+    allow_nonfinite: bool = False
+
+
+@dataclass(frozen=True)
+class Export:
+    format: str = "eager"
+    torchscript_method: str = "trace"
+    onnx_opset: int | None = None
+    onnx_exporter: str = "dynamo"
+
+
+@dataclass(frozen=True)
+class Parity:
+    atol: float = 1.0e-5
+    rtol: float = 1.0e-4
+    batch_sizes: tuple[int, ...] = (1, 4)
+    device: str = "auto"
+    samples: int = 3
+
+
+@dataclass(frozen=True)
+class Serve:
+    batch_size: int = 8
+    max_batch_delay_ms: int = 20
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: int = 120
+    max_rows: int = 64
+    handler: Path | None = None
+    extra_files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Spec:
+    source: Path  # the spec file, as the user named it
+    name: str
+    version: str
+    architecture: Architecture
+    checkpoint: Checkpoint
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[OutputSpec, ...] | None
+    dims: dict[str, tuple[int, ...]]
+    export: Export
+    parity: Parity
+    serve: Serve
+
+    def with_format(self, fmt: str, suffix: bool) -> Spec:
+        """This spec exported as `fmt`; with `suffix` the archive is named `<name>_<fmt>`."""
+        name = f"{self.name}_{fmt}" if suffix else self.name
+        return replace(self, name=name, export=replace(self.export, format=fmt))
+
+    def tolerance(self, output: str) -> tuple[float, float]:
+        """(atol, rtol) for one output: its own override, else the spec's `parity` values."""
+        for out in self.outputs or ():
+            if out.name == output:
+                return (
+                    self.parity.atol if out.atol is None else out.atol,
+                    self.parity.rtol if out.rtol is None else out.rtol,
+                )
+        return self.parity.atol, self.parity.rtol
+
+
+class _Reader:
+    """Walks the YAML mapping, checking types and keys; every error carries the field path."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.base = source.parent
+
+    def fail(self, path: str, problem: str) -> SpecError:
+        where = f"{self.source}: {path}: " if path else f"{self.source}: "
+        return SpecError(where + problem)
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(allowed)}"
+                raise self.fail(_join(path, str(key)), "unknown key" + extra)
+        for key in required:
+            if value.get(key) is None:
+                raise self.fail(_join(path, key), "required")
+        return value
+
+    def str_(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            hint = f'; quote it: "{value}"' if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+            raise self.fail(path, f"expected a non-empty string, got {_kind(value)}{hint}")
+        return value
+
+    def bool_(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def int_(self, value: Any, path: str, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"expected an integer, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(path, f"must be >= {minimum}, got {value}")
+        return value
+
+    def float_(self, value: Any, path: str) -> float:
+        # PyYAML reads `1e-5` (no dot) as a string: accept what float() accepts.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise self.fail(path, f"expected a number, got {_kind(value)}") from None
+        if not number >= 0 or number == float("inf"):
+            raise self.fail(path, f"must be a finite number >= 0, got {value}")
+        return number
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(path, f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    def list_(self, value: Any, path: str) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(path, f"expected a list, got {_kind(value)}")
+        return value
+
+    def file(self, value: Any, path: str) -> Path:
+        rel = self.str_(value, path)
+        resolved = (self.base / rel).resolve()
+        if not resolved.is_file():
+            raise self.fail(path, f"file not found: {rel} (relative to {self.base or '.'}/)")
+        return resolved
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate one spec file. Raises `SpecError` (exit 2) naming the file and field."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{source}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{source}: cannot read spec: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    return parse_spec(data, source)
+
+
+def parse_spec(data: Any, source: Path) -> Spec:
+    r = _Reader(source)
+    top = r.mapping(
+        data,
+        "",
+        ("name", "version", "architecture", "checkpoint", "inputs", "outputs", "dims", "export", "parity", "serve"),
+        ("name", "architecture", "checkpoint", "inputs"),
+    )
+    name = r.str_(top["name"], "name")
+    if not NAME_RE.match(name):
+        raise r.fail("name", f"{name!r} is not a valid model name (letters, digits, '_', '-', '.'; no '/')")
+    version = r.str_(top.get("version", "1.0"), "version")
+    inputs = _inputs(r, top["inputs"])
+    dims = _dims(r, top.get("dims"), inputs)
+    return Spec(
+        source=source,
+        name=name,
+        version=version,
+        architecture=_architecture(r, top["architecture"]),
+        checkpoint=_checkpoint(r, top["checkpoint"]),
+        inputs=inputs,
+        outputs=_outputs(r, top.get("outputs")),
+        dims=dims,
+        export=_export(r, top.get("export")),
+        parity=_parity(r, top.get("parity")),
+        serve=_serve(r, top.get("serve")),
+    )
+
+
+def _architecture(r: _Reader, value: Any) -> Architecture:
+    m = r.mapping(value, "architecture", ("file", "class", "kwargs"), ("file", "class"))
+    file = r.file(m["file"], "architecture.file")
+    class_name = r.str_(m["class"], "architecture.class")
+    kwargs = r.mapping(m.get("kwargs"), "architecture.kwargs", tuple(str(k) for k in (m.get("kwargs") or {})))
+    defined = _top_level_names(r, file, m["file"])
+    if class_name not in defined:
+        hint = difflib.get_close_matches(class_name, sorted(defined), n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise r.fail("architecture.class", f"{class_name!r} not defined in {m['file']}{extra}")
+    return Architecture(file=file, class_name=class_name, kwargs=dict(kwargs))
+
+
+def _top_level_names(r: _Reader, file: Path, shown: str) -> set[str]:
+    """Names bound at the top level of the architecture source, found without running it."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    except SyntaxError as exc:
+        raise r.fail("architecture.file", f"{shown}: syntax error at line {exc.lineno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise r.fail("architecture.file", f"{shown}: cannot read: {exc}") from None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _checkpoint(r: _Reader, value: Any) -> Checkpoint:
+    keys = ("path", "sha256", "strict", "strip_prefix", "key_map", "dtype", "allow_nonfinite")
+    m = r.mapping(value, "checkpoint", keys, ("path",))
+    path = r.file(m["path"], "checkpoint.path")
+    sha = m.get("sha256")
+    if sha is not None:
+        sha = r.str_(sha, "checkpoint.sha256").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise r.fail("checkpoint.sha256", "expected 64 hexadecimal digits (the output of sha256sum)")
+    strips = tuple(
+        r.str_(p, f"checkpoint.strip_prefix[{i}]") for i, p in enumerate(r.list_(m.get("strip_prefix"), "checkpoint.strip_prefix"))
+    )
+    renames = []
+    for i, item in enumerate(r.list_(m.get("key_map"), "checkpoint.key_map")):
+        where = f"checkpoint.key_map[{i}]"
+        km = r.mapping(item, where, ("prefix", "regex", "to"), ("to",))
+        if ("prefix" in km) == ("regex" in km):
+            raise r.fail(where, "give exactly one of 'prefix' or 'regex', and 'to'")
+        to = km["to"] if isinstance(km["to"], str) else r.str_(km["to"], f"{where}.to")
+        if "regex" in km:
+            pattern = r.str_(km["regex"], f"{where}.regex")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise r.fail(f"{where}.regex", f"invalid regular expression: {exc}") from None
+            renames.append(KeyRename(pattern, to, regex=True))
+        else:
+            renames.append(KeyRename(r.str_(km["prefix"], f"{where}.prefix"), to))
+    dtype = m.get("dtype")
+    if dtype is not None:
+        dtype = r.choice(dtype, "checkpoint.dtype", CAST_DTYPES)
+    return Checkpoint(
+        path=path,
+        sha256=sha,
+        strict=r.bool_(m.get("strict", True), "checkpoint.strict"),
+        strip_prefix=strips,
+        key_map=tuple(renames),
+        dtype=dtype,
+        allow_nonfinite=r.bool_(m.get("allow_nonfinite", False), "checkpoint.allow_nonfinite"),
+    )
+
+
+def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
+    items = r.list_(value, "inputs")
+    if not items:
+        raise r.fail("inputs", "declare at least one input, e.g. - {name: x, shape: [batch, 10]}")
+    out: list[TensorSpec] = []
+    for i, item in enumerate(items):
+        where = f"inputs[{i}]"
+        m = r.mapping(item, where, ("name", "shape", "dtype", "range"), ("name", "shape"))
+        name = r.str_(m["name"], f"{where}.name")
+        if not IDENT_RE.match(name):
+            raise r.fail(f"{where}.name", f"{name!r} is not a valid input name (letters, digits, '_')")
+        if any(t.name == name for t in out):
+            raise r.fail(f"{where}.name", f"duplicate input name {name!r}")
+        shape = r.list_(m["shape"], f"{where}.shape")
+        dims: list[int | str] = []
+        for j, d in enumerate(shape):
+            if isinstance(d, bool) or not (isinstance(d, str) and IDENT_RE.match(d) or isinstance(d, int) and d > 0):
+                raise r.fail(
+                    f"{where}.shape[{j}]",
+                    f"{d!r} cannot be generated: use a positive size or a dimension name (e.g. seq) with sizes in dims",
+                )
+            dims.append(d)
+        if not dims or dims[0] != BATCH:
+            raise r.fail(f"{where}.shape", f"the first dimension must be '{BATCH}' (the dynamic batch dimension)")
+        if BATCH in dims[1:]:
+            raise r.fail(f"{where}.shape", f"'{BATCH}' may only be the first dimension")
+        dtype = r.choice(m.get("dtype", "float32"), f"{where}.dtype", DTYPES)
+        rng = m.get("range")
+        if rng is not None:
+            rng = r.list_(rng, f"{where}.range")
+            if len(rng) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng) or rng[0] >= rng[1]:
+                raise r.fail(f"{where}.range", f"expected [low, high] with low < high, got {rng!r}")
+            if dtype not in CAST_DTYPES and not all(float(v).is_integer() for v in rng):
+                raise r.fail(f"{where}.range", f"an {dtype} input needs integer bounds, got {rng!r}")
+            rng = (rng[0], rng[1])
+        elif dtype not in CAST_DTYPES and dtype != "bool":
+            raise r.fail(f"{where}.range", f"an {dtype} input needs range: [low, high] to generate test values")
+        out.append(TensorSpec(name=name, shape=tuple(dims), dtype=dtype, range=rng))
+    return tuple(out)
+
+
+def _dims(r: _Reader, value: Any, inputs: tuple[TensorSpec, ...]) -> dict[str, tuple[int, ...]]:
+    used = sorted({d for t in inputs for d in t.shape[1:] if isinstance(d, str)})
+    m = r.mapping(value, "dims", tuple(used))
+    dims: dict[str, tuple[int, ...]] = {}
+    for name in used:
+        sizes = m.get(name, list(DEFAULT_DIM_SIZES))
+        sizes = r.list_(sizes, f"dims.{name}")
+        if len(set(sizes)) < 2:
+            raise r.fail(f"dims.{name}", "give at least two different sizes to test the dynamic dimension with")
+        dims[name] = tuple(r.int_(s, f"dims.{name}[{i}]", minimum=1) for i, s in enumerate(sizes))
+    return dims
+
+
+def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
+    if value is None:
+        return None
+    items = r.list_(value, "outputs")
+    out: list[OutputSpec] = []
+    for i, item in enumerate(items):
+        where = f"outputs[{i}]"
+        m = r.mapping(item, where, ("name", "atol", "rtol"), ("name",))
+        name = r.str_(m["name"], f"{where}.name")
+        if any(o.name == name for o in out):
+            raise r.fail(f"{where}.name", f"duplicate output name {name!r}")
+        atol = None if m.get("atol") is None else r.float_(m["atol"], f"{where}.atol")
+        rtol = None if m.get("rtol") is None else r.float_(m["rtol"], f"{where}.rtol")
+        out.append(OutputSpec(name=name, atol=atol, rtol=rtol))
+    return tuple(out) or None
+
+
+def _export(r: _Reader, value: Any) -> Export:
+    m = r.mapping(value, "export", ("format", "torchscript", "onnx"))
+    fmt = r.choice(m.get("format", "eager"), "export.format", FORMATS)
+    ts = r.mapping(m.get("torchscript"), "export.torchscript", ("method",))
+    ox = r.mapping(m.get("onnx"), "export.onnx", ("opset", "exporter"))
+    opset = ox.get("opset")
+    if opset is not None:
+        opset = r.int_(opset, "export.onnx.opset", minimum=7)
+    return Export(
+        format=fmt,
+        torchscript_method=r.choice(ts.get("method", "trace"), "export.torchscript.method", ("trace", "script")),
+        onnx_opset=opset,
+        onnx_exporter=r.choice(ox.get("exporter", "dynamo"), "export.onnx.exporter", ("dynamo", "torchscript")),
+    )
+
+
+def _parity(r: _Reader, value: Any) -> Parity:
+    m = r.mapping(value, "parity", ("atol", "rtol", "batch_sizes", "device", "samples"))
+    d = Parity()
+    sizes = m.get("batch_sizes", list(d.batch_sizes))
+    sizes = tuple(r.int_(s, f"parity.batch_sizes[{i}]", minimum=1) for i, s in enumerate(r.list_(sizes, "parity.batch_sizes")))
+    if not sizes:
+        raise r.fail("parity.batch_sizes", "give at least one batch size")
+    return Parity(
+        atol=r.float_(m.get("atol", d.atol), "parity.atol"),
+        rtol=r.float_(m.get("rtol", d.rtol), "parity.rtol"),
+        batch_sizes=sizes,
+        device=r.choice(m.get("device", d.device), "parity.device", DEVICES),
+        samples=r.int_(m.get("samples", d.samples), "parity.samples", minimum=1),
+    )
+
+
+def _serve(r: _Reader, value: Any) -> Serve:
+    keys = ("batch_size", "max_batch_delay_ms", "min_workers", "max_workers", "response_timeout_s", "max_rows", "handler", "extra_files")
+    m = r.mapping(value, "serve", keys)
+    d = Serve()
+    take: Callable[[str, int], int] = lambda key, minimum: r.int_(m.get(key, getattr(d, key)), f"serve.{key}", minimum)
+    serve = Serve(
+        batch_size=take("batch_size", 1),
+        max_batch_delay_ms=take("max_batch_delay_ms", 0),
+        min_workers=take("min_workers", 0),
+        max_workers=take("max_workers", 1),
+        response_timeout_s=take("response_timeout_s", 1),
+        max_rows=take("max_rows", 1),
+        handler=None if m.get("handler") is None else r.file(m["handler"], "serve.handler"),
+        extra_files=tuple(
+            r.file(f, f"serve.extra_files[{i}]") for i, f in enumerate(r.list_(m.get("extra_files"), "serve.extra_files"))
+        ),
+    )
+    if serve.max_workers < serve.min_workers:
+        raise r.fail("serve.max_workers", f"must be >= serve.min_workers ({serve.min_workers}), got {serve.max_workers}")
+    if serve.handler is not None and serve.handler.suffix != ".py":
+        raise r.fail("serve.handler", f"expected a Python file (.py), got {m['handler']}")
+    return serve

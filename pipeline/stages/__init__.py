@@ -1,0 +1,1 @@
+"""The build stages, in order: load → export → parity → package. One module each."""

@@ -1,0 +1,122 @@
+"""Stage export: write the serving artifact: the state_dict (eager), a TorchScript module, or ONNX."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import inputs
+from pipeline.errors import ExportError, SpecError
+from pipeline.spec import BATCH, Spec
+from pipeline.stages.load import Loaded
+
+TWO_GB = 2 * 1024**3
+ARTIFACTS = {"eager": "weights.pt", "torchscript": "model.pt", "onnx": "model.onnx"}
+
+
+@dataclass
+class Exported:
+    format: str
+    files: list[Path]  # what goes into the archive; files[0] is the artifact the handler opens
+    output_names: list[str]
+    detail: str
+
+
+def output_names(spec: Spec, model: Any, example: dict[str, Any]) -> list[str]:
+    """The spec's output names, or names derived from what the model returns; checked against it."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(*example.values())
+    if isinstance(out, torch.Tensor):
+        derived = ["output"]
+    elif isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
+        derived = [f"output_{i}" for i in range(len(out))]
+    elif isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
+        derived = [str(k) for k in out]
+    else:
+        raise SpecError(f"{spec.source}: outputs: the model returns {type(out).__name__}; marpipe serves a tensor, a tuple or a dict of tensors")
+    if spec.outputs is None:
+        return derived
+    names = [o.name for o in spec.outputs]
+    if isinstance(out, dict) and sorted(names) != sorted(derived):
+        raise SpecError(f"{spec.source}: outputs: the model returns the keys {derived}, the spec names {names}")
+    if len(names) != len(derived):
+        raise SpecError(f"{spec.source}: outputs: the model returns {len(derived)} outputs, the spec names {len(names)} ({names})")
+    return names
+
+
+def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
+    import torch
+
+    fmt = spec.export.format
+    example = inputs.example(spec)
+    names = output_names(spec, loaded.model, example)
+    path = workdir / ARTIFACTS[fmt]
+    args = tuple(example.values())
+    if fmt == "eager":
+        # The normalised state_dict (prefixes stripped, casts applied) is what the handler loads.
+        torch.save(loaded.model.state_dict(), path)
+        return Exported(fmt, [path], names, "state_dict")
+    if fmt == "torchscript":
+        return Exported(fmt, [path], names, _torchscript(spec, loaded.model, args, path))
+    return Exported(fmt, _onnx(spec, loaded.model, example, names, path), names, f"onnx ({spec.export.onnx_exporter})")
+
+
+def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
+    import torch
+
+    method = spec.export.torchscript_method
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings are noise here: parity is the judge
+            if method == "trace":
+                module = torch.jit.trace(model, args, strict=False, check_trace=False)
+            else:
+                module = torch.jit.script(model)
+        torch.jit.save(module, str(path))
+    except Exception as exc:
+        raise ExportError(f"{spec.name}: torchscript {method} failed: {_first_line(exc)}") from None
+    return f"torch.jit.{method}"
+
+
+def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], path: Path) -> list[Path]:
+    import onnx
+    import torch
+
+    big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB
+    kwargs: dict[str, Any] = dict(input_names=list(example), output_names=names)
+    if spec.export.onnx_opset is not None:
+        kwargs["opset_version"] = spec.export.onnx_opset
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if spec.export.onnx_exporter == "dynamo":
+                dims = {d: torch.export.Dim(d, min=1) for d in [BATCH, *spec.dims]}
+                shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+                torch.onnx.export(
+                    model, tuple(example.values()), str(path), dynamo=True, dynamic_shapes=shapes,
+                    external_data=big, optimize=True, verbose=False, **kwargs,
+                )
+            else:
+                axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
+                axes.update({n: {0: BATCH} for n in names})
+                torch.onnx.export(model, tuple(example.values()), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+        onnx.checker.check_model(str(path), full_check=False)
+    except Exception as exc:
+        raise ExportError(f"{spec.name}: onnx export ({spec.export.onnx_exporter}) failed: {_first_line(exc)}") from None
+    files = [path]
+    files += sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path)
+    return files
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    for ln in lines:  # dynamo puts the useful part (the failing constraint or op) after a banner
+        if any(w in ln for w in ("Constraints violated", "Unsupported", "not supported", "specialized", "guard")):
+            text = ln
+            break
+    return f"{type(exc).__name__}: {text}"[:400]

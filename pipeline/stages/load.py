@@ -1,0 +1,124 @@
+"""Stage load: read the checkpoint safely, normalise it, load it strictly into the architecture, eval()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.arch import construct, model_class
+from pipeline.checkpoint import RawCheckpoint, normalise_keys, read_checkpoint
+from pipeline.errors import CheckpointError
+from pipeline.spec import Spec
+
+
+@dataclass
+class Loaded:
+    model: Any  # torch.nn.Module in eval mode, on the CPU
+    checkpoint: RawCheckpoint
+    skipped: list[str] = field(default_factory=list)  # keys left out by strict: false
+    cast: list[str] = field(default_factory=list)  # keys whose dtype was changed
+
+    def summary(self) -> dict[str, Any]:
+        ck = self.checkpoint
+        return {
+            "path": str(ck.path),
+            "format": ck.format,
+            "sha256": ck.sha256,
+            "size": ck.size,
+            "tensors": len(ck.state_dict),
+            "nested_key": ck.nested_key,
+            "stripped_prefixes": ck.stripped,
+            "renamed_keys": ck.renamed,
+            "ignored_extras": ck.ignored_extras,
+            "skipped_keys": self.skipped,
+            "cast_keys": len(self.cast),
+        }
+
+
+def run(spec: Spec) -> Loaded:
+    cls = model_class(spec)
+    cfg = spec.checkpoint
+    raw = read_checkpoint(cfg.path, cfg.sha256)
+    normalise_keys(raw, cfg.strip_prefix, cfg.key_map)
+    # Meta construction costs no memory; the mmap'd tensors are then assigned, not copied.
+    model = construct(spec, cls, "meta")
+    expected = model.state_dict()
+    sd = raw.state_dict
+    skipped = _check_keys(spec, raw, expected)
+    if skipped:
+        sd = {k: v for k, v in sd.items() if k not in skipped}
+    cast = _check_values(spec, raw, expected, sd)
+    materialise = not cfg.strict or _has_non_persistent_buffers(model, expected)
+    if materialise:
+        # Missing keys (strict: false) and non-persistent buffers need the constructor's real initialisation.
+        model = construct(spec, cls, "cpu")
+    try:
+        model.load_state_dict(sd, strict=cfg.strict, assign=not materialise)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {cfg.path}: load_state_dict failed: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.requires_grad_(False)
+    return Loaded(model=model, checkpoint=raw, skipped=sorted(skipped), cast=cast)
+
+
+def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any]) -> set[str]:
+    """Missing, unexpected and mis-shaped keys: an error when strict, the keys to skip otherwise."""
+    sd = raw.state_dict
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    mismatched = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape))
+    if not spec.checkpoint.strict:
+        return set(unexpected) | set(mismatched)
+    if not (missing or unexpected or mismatched):
+        return set()
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if mismatched:
+        shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}" for k in mismatched]
+        parts.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
+    hint = "set checkpoint.key_map or strip_prefix, or strict: false" if not mismatched else "check architecture.kwargs, or set strict: false"
+    raise CheckpointError(f"checkpoint {raw.path}: {', '.join(parts)}; {hint}")
+
+
+def _check_values(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], sd: dict[str, Any]) -> list[str]:
+    """Dtypes and finiteness; casts floating tensors to the model's dtype (or checkpoint.dtype). In place."""
+    import torch
+
+    cfg = spec.checkpoint
+    target = getattr(torch, cfg.dtype) if cfg.dtype else None
+    wrong_kind, nonfinite, cast = [], [], []
+    for key, tensor in sd.items():
+        want = expected.get(key)
+        if want is None:
+            continue
+        if want.dtype.is_floating_point and not tensor.dtype.is_floating_point and target is None:
+            wrong_kind.append(f"{key}: {str(tensor.dtype).removeprefix('torch.')}")
+            continue
+        dtype = target if target is not None and want.dtype.is_floating_point else want.dtype
+        if tensor.dtype != dtype:
+            sd[key] = tensor.to(dtype)
+            cast.append(key)
+        if sd[key].dtype.is_floating_point and not cfg.allow_nonfinite and not bool(torch.isfinite(sd[key]).all()):
+            nonfinite.append(key)
+    if wrong_kind:
+        raise CheckpointError(
+            f"checkpoint {raw.path}: {len(wrong_kind)} tensors hold integers where the model expects floats "
+            f"({_few(wrong_kind)}); set checkpoint.dtype: float32 to cast them"
+        )
+    if nonfinite:
+        raise CheckpointError(
+            f"checkpoint {raw.path}: {len(nonfinite)} tensors contain NaN or Inf ({_few(nonfinite)}); "
+            "the training run diverged? set checkpoint.allow_nonfinite: true to package anyway"
+        )
+    return cast
+
+
+def _has_non_persistent_buffers(model: Any, expected: dict[str, Any]) -> bool:
+    return any(name not in expected for name, _ in model.named_buffers())
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", … {len(items) - n} more" if len(items) > n else "")

@@ -1,0 +1,109 @@
+"""Stage package: the .mar archive, with our handler, the architecture source, the artifact, metadata."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline import archive
+from pipeline.errors import SpecError
+from pipeline.spec import Spec
+from pipeline.stages.export import Exported
+from pipeline.stages.load import Loaded
+from pipeline.stages.parity import ParityResult
+
+HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
+RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name}
+
+
+@dataclass
+class Packaged:
+    archive: Path
+    size: int
+    entries: dict[str, str]  # name → sha256
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    out = {"marpipe": pipeline.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("onnx", "onnxruntime", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
+    """Copy the handler, the architecture source and extra files into the private staging folder."""
+    handler = spec.serve.handler or HANDLER
+    files = {handler.name: handler, spec.architecture.file.name: spec.architecture.file}
+    if spec.serve.handler is not None:
+        files[HANDLER.name] = HANDLER  # a user handler may import ours
+    for i, extra in enumerate(spec.serve.extra_files):
+        if extra.name in files or extra.name in RESERVED:
+            raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
+        files[extra.name] = extra
+    if spec.architecture.file.name in RESERVED - {HANDLER.name} or spec.architecture.file.name == HANDLER.name:
+        raise SpecError(f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file")
+    for name, src in files.items():
+        shutil.copyfile(src, workdir / name)
+    return {name: workdir / name for name in files}
+
+
+def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
+    """What the handler needs (and what a person auditing the archive wants to know)."""
+    s = spec.serve
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "format": exported.format,
+        "artifact": exported.files[0].name,
+        "architecture": {"file": spec.architecture.file.name, "class": spec.architecture.class_name, "kwargs": spec.architecture.kwargs},
+        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None} for t in spec.inputs],
+        "outputs": [dict(zip(("name", "atol", "rtol"), (n, *spec.tolerance(n)))) for n in exported.output_names],
+        "dims": {k: list(v) for k, v in spec.dims.items()},
+        "checkpoint": dict(
+            loaded.summary(),
+            path=spec.checkpoint.path.name,
+            strict=spec.checkpoint.strict,
+            strip_prefix=list(spec.checkpoint.strip_prefix),
+            key_map=[{"regex" if k.regex else "prefix": k.pattern, "to": k.to} for k in spec.checkpoint.key_map],
+            dtype=spec.checkpoint.dtype,
+        ),
+        "export": {"format": exported.format, "detail": exported.detail},
+        "serve": {
+            "batch_size": s.batch_size, "max_batch_delay_ms": s.max_batch_delay_ms, "min_workers": s.min_workers,
+            "max_workers": s.max_workers, "response_timeout_s": s.response_timeout_s, "max_rows": s.max_rows,
+        },
+        "versions": versions(),
+    }
+
+
+def model_config(spec: Spec) -> str:
+    s = spec.serve
+    return (
+        f"minWorkers: {s.min_workers}\nmaxWorkers: {s.max_workers}\nbatchSize: {s.batch_size}\n"
+        f"maxBatchDelay: {s.max_batch_delay_ms}\nresponseTimeout: {s.response_timeout_s}\n"
+    )
+
+
+def run(spec: Spec, store: Path, workdir: Path, sources: dict[str, Path], exported: Exported, meta: dict[str, Any], parity: ParityResult) -> Packaged:
+    files = dict(sources)
+    files.update({p.name: p for p in exported.files})
+    config = workdir / "model-config.yaml"
+    config.write_text(model_config(spec))
+    files[config.name] = config
+    for name, arrays in (("parity_inputs.npz", parity.reference_inputs), ("parity_outputs.npz", parity.reference_outputs)):
+        archive.write_npz(workdir / name, arrays)
+        files[name] = workdir / name
+    meta = dict(meta, parity=dict(parity.record(), versions=meta["versions"]))
+    handler = (spec.serve.handler or HANDLER).name
+    target = store / f"{spec.name}.mar"
+    entries = archive.write_archive(target, files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
+    return Packaged(target, target.stat().st_size, entries)

@@ -1,0 +1,171 @@
+"""Stage parity: the artifact, loaded exactly as the handler loads it, must answer like the eager model.
+
+Compares output names, then shapes, then values (``|a-b| <= atol + rtol*|b|``, b the eager reference), on
+every batch size and at least two sizes of every other dynamic dim, several samples each. Prints one
+✓/✗ line per output, collects every failure and raises once: a failure stops the build.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import inputs
+from pipeline.errors import ParityError, SpecError
+from pipeline.spec import Spec
+from pipeline.stages.load import Loaded
+
+EPS = 1e-12
+
+
+@dataclass
+class OutputRecord:
+    atol: float
+    rtol: float
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    mismatched: float = 0.0  # worst fraction of mismatched elements over all shapes
+    nan: int = 0
+    inf: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
+            "mismatched_fraction": self.mismatched, "nan": self.nan, "inf": self.inf, "passed": not self.failures,
+        }
+
+
+@dataclass
+class ParityResult:
+    device: str
+    shapes: list[dict[str, int]]
+    samples: int
+    outputs: dict[str, OutputRecord]
+    reference_inputs: dict[str, np.ndarray]  # one small batch, stored in the archive for `marpipe smoke`
+    reference_outputs: dict[str, np.ndarray]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "shapes": self.shapes,
+            "samples": self.samples,
+            "outputs": {k: v.as_dict() for k, v in self.outputs.items()},
+        }
+
+
+def resolve_device(spec: Spec, override: str | None) -> str:
+    import torch
+
+    want = override or spec.parity.device
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"{spec.source}: parity.device: 'cuda' asked for, but torch sees no GPU here; use auto or cpu")
+    return want
+
+
+def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device: str) -> ParityResult:
+    import torch
+
+    from handlers.marpipe_handler import load_runner, name_outputs
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    names = [o["name"] for o in meta["outputs"]]
+    model = loaded.model.to(device)
+    try:
+        runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
+    except Exception as exc:
+        raise ParityError(f"{spec.name}: the {spec.export.format} artifact does not load as the handler loads it: {type(exc).__name__}: {exc}") from None
+    records = {n: OutputRecord(*spec.tolerance(n)) for n in names}
+    shapes = inputs.shapes(spec)
+    ref_in: dict[str, np.ndarray] = {}
+    ref_out: dict[str, np.ndarray] = {}
+    for s, dims in enumerate(shapes):
+        for k in range(spec.parity.samples):
+            tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
+            with torch.inference_mode():
+                expected = name_outputs(model(*(t.to(device) for t in tensors.values())), names)
+            arrays = {n: t.numpy() for n, t in tensors.items()}
+            label = _label(dims)
+            try:
+                got = runner(arrays)
+            except Exception as exc:
+                for rec in records.values():
+                    rec.failures.append(f"{label}: the {spec.export.format} model raised {type(exc).__name__}: {_short(exc)}")
+                continue
+            for n in names:
+                _compare(records[n], expected[n], got.get(n), label)
+            if not ref_in or (len(next(iter(ref_in.values()))) < 2 <= dims["batch"]):
+                ref_in, ref_out = arrays, expected
+    loaded.model.to("cpu")
+    _print(spec, records, len(shapes) * spec.parity.samples)
+    failed = [f"{n}: {r.failures[0]}" + (f" (+{len(r.failures) - 1} more)" if len(r.failures) > 1 else "") for n, r in records.items() if r.failures]
+    if failed:
+        raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
+    return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out)
+
+
+def compare(expected: np.ndarray, got: np.ndarray | None, atol: float, rtol: float) -> dict[str, Any]:
+    """Shape, then values, with torch.allclose semantics (NaN matches NaN). Used by `marpipe smoke` too."""
+    if got is None:
+        return {"ok": False, "why": "missing from the answer"}
+    got = np.asarray(got)
+    if tuple(got.shape) != tuple(expected.shape):
+        return {"ok": False, "why": f"shape {list(got.shape)} vs eager {list(expected.shape)}"}
+    a = got.astype(np.float64)
+    b = expected.astype(np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    diff = np.where(both_nan, 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    bad = diff > atol + rtol * np.abs(np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0))
+    finite = np.isfinite(diff)
+    return {
+        "ok": not bool(bad.any()),
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "max_rel": float((diff[finite] / (np.abs(b[finite]) + EPS)).max()) if finite.any() else 0.0,
+        "mismatched": float(bad.mean()) if bad.size else 0.0,
+        "nan": int(np.isnan(a).sum()),
+        "inf": int(np.isinf(a).sum()),
+    }
+
+
+def _compare(rec: OutputRecord, expected: np.ndarray, got: np.ndarray | None, label: str) -> None:
+    result = compare(expected, got, rec.atol, rec.rtol)
+    if "max_abs" not in result:
+        rec.failures.append(f"{label}: {result['why']}")
+        return
+    rec.max_abs = max(rec.max_abs, result["max_abs"])
+    rec.max_rel = max(rec.max_rel, result["max_rel"])
+    rec.mismatched = max(rec.mismatched, result["mismatched"])
+    rec.nan += result["nan"]
+    rec.inf += result["inf"]
+    if not result["ok"]:
+        rec.failures.append(
+            f"{label}: max abs error {result['max_abs']:.3g} > atol {rec.atol:g} + rtol {rec.rtol:g}·|eager|, "
+            f"{100 * result['mismatched']:.1f}% of elements mismatched"
+        )
+
+
+def _label(dims: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in dims.items())
+
+
+def _short(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:200]
+
+
+def _print(spec: Spec, records: dict[str, OutputRecord], runs: int) -> None:
+    for name, r in records.items():
+        mark = "✗" if r.failures else "✓"
+        print(
+            f"  {mark} {spec.name}/{name}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g} "
+            f"(atol {r.atol:g}, rtol {r.rtol:g}, {runs} runs)",
+            file=sys.stderr,
+        )
