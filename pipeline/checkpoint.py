@@ -223,6 +223,11 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
     """Find the state dict: the object itself, or nested under state_dict/model (Lightning, trainers)."""
+    if isinstance(obj, _Stub):
+        raise CheckpointError(
+            f"checkpoint {path}: this is a pickled model ({obj._name}), not a state_dict; "
+            "save model.state_dict() instead (torch.save(model.state_dict(), path))"
+        )
     nested: list[str] = []
     for _ in range(3):
         if _is_tensor_dict(obj):

@@ -113,7 +113,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             if args.report:
                 _write_json(args.report, {"marpipe": pipeline.__version__, "builds": reports})
     ok = sum(r["status"] == "ok" for r in reports)
-    print(f"{ok} of {len(jobs)} archives built into {args.store}", file=sys.stderr)
+    print(f"{ok} of {len(jobs)} archives built into {args.store}")
     return first_error.exit_code if first_error else 0
 
 

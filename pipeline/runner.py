@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ def _timed(report: BuildReport, name: str, fn: Callable[[], Any], detail: Callab
 
 
 def _say(name: str, stage: StageResult) -> None:
-    print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}", file=sys.stderr)
+    print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
 
 def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:

@@ -7,7 +7,6 @@ every batch size and at least two sizes of every other dynamic dim, several samp
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,5 +166,4 @@ def _print(spec: Spec, records: dict[str, OutputRecord], runs: int) -> None:
         print(
             f"  {mark} {spec.name}/{name}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g} "
             f"(atol {r.atol:g}, rtol {r.rtol:g}, {runs} runs)",
-            file=sys.stderr,
         )

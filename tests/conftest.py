@@ -1,0 +1,83 @@
+"""Shared helpers: a scratch project with tiny models, specs and checkpoints; the CLI as users run it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(__file__).resolve().parent / "models" / "tiny.py"
+
+
+def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process, as make and CI jobs do."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def store_state(store: Path) -> dict[str, bytes]:
+    """Every file of a store with its bytes (lock files aside), to prove a failed build changed nothing."""
+    if not store.exists():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.is_file() and not p.name.endswith(".lock")}
+
+
+class Project:
+    """A scratch folder holding models/tiny.py, checkpoints and specs, like a training repo's release job."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy(MODELS, root / "models" / "tiny.py")
+        self.store = root / "store"
+
+    def model(self, cls: str, **kwargs: Any) -> torch.nn.Module:
+        sys.path.insert(0, str(self.root / "models"))
+        try:
+            import tiny
+        finally:
+            sys.path.pop(0)
+        torch.manual_seed(0)
+        return getattr(tiny, cls)(**kwargs).eval()
+
+    def save(self, obj: Any, name: str) -> Path:
+        path = self.root / name
+        torch.save(obj, path)
+        return path
+
+    def spec(self, name: str = "tiny", cls: str = "Linear", **sections: Any) -> Path:
+        doc: dict[str, Any] = {
+            "name": name,
+            "architecture": {"file": "models/tiny.py", "class": cls, "kwargs": sections.pop("kwargs", {})},
+            "checkpoint": {"path": "tiny.pth", **sections.pop("checkpoint", {})},
+            "inputs": sections.pop("inputs", [{"name": "x", "shape": ["batch", 4]}]),
+        }
+        doc.update(sections)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def build(self, *specs: Path | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """`marpipe build --store <store> [options] SPEC...`: options may come among the specs as strings."""
+        return marpipe("build", "--store", str(self.store), *map(str, specs), env=env)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return Project(tmp_path)
+
+
+@pytest.fixture
+def linear_project(project: Project) -> Project:
+    """A project whose tiny.pth is a valid Linear(4, 2) state_dict."""
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    return project

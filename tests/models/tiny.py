@@ -1,0 +1,80 @@
+"""Tiny deterministic models for the tests: each exercises one edge of the contract."""
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    """nn.Linear with weights fixed by the test: expected outputs are exact."""
+
+    def __init__(self, n_in: int = 4, n_out: int = 2) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class ShapeBranch(nn.Module):
+    """A Python branch on the batch size: a trace at batch >= 2 freezes the other branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self.fc(x) * 2.0
+        return self.fc(x)
+
+
+class TwoInTwoOut(nn.Module):
+    """Two inputs (one with a dynamic dim), a tuple of two outputs."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Linear(dim, 3)
+        self.b = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = seq.mean(dim=1)
+        return self.a(x) + self.b(pooled), self.b(seq)
+
+
+class DictOut(nn.Module):
+    """A dict of outputs, matched to output names by key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.fc(x)
+        return {"score": h.sum(dim=1, keepdim=True), "embedding": torch.tanh(h)}
+
+
+class TraceDrift(nn.Module):
+    """Returns two outputs; the traced model shifts the second by exactly 1e-3 (to test per-output tolerances)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x)
+        z = y * 1.0
+        if torch.jit.is_tracing():
+            z = z + 1e-3
+        return y, z
+
+
+class WithBuffer(nn.Module):
+    """A non-persistent buffer: not in the state_dict, so meta construction alone would leave it empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.register_buffer("scale", torch.full((2,), 3.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
