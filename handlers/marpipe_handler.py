@@ -94,10 +94,7 @@ class TorchRunner:
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [
-            torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])).to(self.device, torch_dtype(t["dtype"]))
-            for t in self.inputs
-        ]
+        args = [torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])).to(self.device, torch_dtype(t["dtype"])) for t in self.inputs]
         with torch.inference_mode():
             out = self.module(*args)
         return name_outputs(out, self.output_names)
@@ -218,7 +215,7 @@ def to_arrays(payload: Any, meta: dict) -> dict[str, np.ndarray]:
     if isinstance(payload, dict) and "inputs" in payload and not all(t["name"] == "inputs" for t in specs):
         extra = sorted(set(payload) - {"inputs"})
         if extra:
-            raise BadRequest(f"unknown top-level keys {extra}; send {{\"inputs\": {{...}}}}")
+            raise BadRequest(f'unknown top-level keys {extra}; send {{"inputs": {{...}}}}')
         payload = payload["inputs"]
         if isinstance(payload, list) and len(specs) == 1:
             payload = {specs[0]["name"]: payload}

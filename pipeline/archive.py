@@ -15,8 +15,8 @@ import os
 import re
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import PackageError
 
@@ -136,12 +136,12 @@ def clean_leftovers(target: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
     for p in target.parent.iterdir():
         m = pattern.match(p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 p.unlink()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftover from an earlier attempt in this process
     try:
@@ -162,9 +162,31 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _ends_with_directory(path: Path) -> bool:
+    """The end-of-central-directory record (plus its comment) ends the file, as in every complete zip."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            tail_len = min(size, 22 + 65535)
+            f.seek(size - tail_len)
+            tail = f.read(tail_len)
+    except OSError:
+        return False
+    pos = tail.rfind(b"PK\x05\x06")
+    while pos >= 0:
+        comment = int.from_bytes(tail[pos + 20 : pos + 22], "little")
+        if pos + 22 + comment == len(tail):
+            return True
+        pos = tail.rfind(b"PK\x05\x06", 0, pos)
+    return False
+
+
 def verify(path: Path) -> list[str]:
     """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash."""
     faults: list[str] = []
+    if not _ends_with_directory(path):
+        # zipfile would happily find the directory of an .npz stored inside and call that the archive
+        return ["truncated: the zip's end-of-central-directory record is not at the end of the file"]
     try:
         z = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -196,7 +218,11 @@ def verify(path: Path) -> list[str]:
             handler = str(model.get("handler", "")).split(":")[0]
             if handler and not handler.endswith(".py"):
                 handler += ".py"
-            for key, entry in (("handler", handler), ("serializedFile", model.get("serializedFile")), ("configFile", model.get("configFile"))):
+            for key, entry in (
+                ("handler", handler),
+                ("serializedFile", model.get("serializedFile")),
+                ("configFile", model.get("configFile")),
+            ):
                 if entry and entry not in names:
                     faults.append(f"{MANIFEST}: model.{key} {entry!r} is not in the archive")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -214,9 +240,12 @@ def verify(path: Path) -> list[str]:
                 faults.append(f"{name!r} listed in {METADATA} but missing")
                 continue
             digest = hashlib.sha256()
-            with z.open(name) as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
+            try:
+                with z.open(name) as f:
+                    while chunk := f.read(CHUNK):
+                        digest.update(chunk)
+            except (zipfile.BadZipFile, OSError, EOFError):
+                continue  # already reported by the CRC check
             if digest.hexdigest() != want:
                 faults.append(f"{name!r}: sha256 {digest.hexdigest()[:12]}… does not match {want[:12]}…")
     return faults

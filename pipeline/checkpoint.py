@@ -23,9 +23,33 @@ ALWAYS_STRIP = ("module.", "_orig_mod.")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # Globals that only ever appear in a pickle to run code. Seeing one means the file is hostile.
 DANGEROUS_MODULES = (
-    "os", "posix", "nt", "subprocess", "sys", "builtins", "__builtin__", "shutil", "socket", "importlib",
-    "runpy", "pty", "code", "codecs", "webbrowser", "ctypes", "pickle", "marshal", "types", "operator",
-    "functools", "multiprocessing", "asyncio", "signal", "tempfile", "io", "platform",
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "builtins",
+    "__builtin__",
+    "shutil",
+    "socket",
+    "importlib",
+    "runpy",
+    "pty",
+    "code",
+    "codecs",
+    "webbrowser",
+    "ctypes",
+    "pickle",
+    "marshal",
+    "types",
+    "operator",
+    "functools",
+    "multiprocessing",
+    "asyncio",
+    "signal",
+    "tempfile",
+    "io",
+    "platform",
 )
 CHUNK = 8 << 20
 
@@ -70,11 +94,16 @@ def detect_format(path: Path) -> str:
         if head[8:9] == b"{" and n <= size - 8:
             return "safetensors"
         if head[8:9] == b"{":
-            raise CheckpointError(f"checkpoint {path}: safetensors header is cut off (declares {n} bytes, file has {size - 8}): the file is truncated")
+            raise CheckpointError(
+                f"checkpoint {path}: safetensors header is cut off (declares {n} bytes, file has {size - 8}): the file is truncated"
+            )
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "torch-legacy"
     if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or head[2:3] == b"\x12"):
-        raise CheckpointError(f"checkpoint {path}: this looks like an ONNX model, not a state_dict; give the torch or safetensors checkpoint it was exported from")
+        raise CheckpointError(
+            f"checkpoint {path}: this looks like an ONNX model, not a state_dict; "
+            "give the torch or safetensors checkpoint it was exported from"
+        )
     raise CheckpointError(
         f"checkpoint {path}: not a recognised checkpoint (expected a torch zip .pt/.pth/.ckpt or safetensors); "
         "the file is corrupt or of another kind"
@@ -264,12 +293,12 @@ def normalise_keys(raw: RawCheckpoint, strip_prefix: tuple[str, ...], key_map: t
         for prefix in ALWAYS_STRIP:
             # Only when every key has it: a model may well have a child called `module`.
             if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 raw.stripped.append(prefix)
                 changed = True
     for prefix in strip_prefix:
         if any(k.startswith(prefix) for k in sd):
-            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+            sd = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
             raw.stripped.append(prefix)
     for rename in key_map:
         out = {}
@@ -277,7 +306,7 @@ def normalise_keys(raw: RawCheckpoint, strip_prefix: tuple[str, ...], key_map: t
             if rename.regex:
                 new = re.sub(rename.pattern, rename.to, k)
             else:
-                new = rename.to + k[len(rename.pattern):] if k.startswith(rename.pattern) else k
+                new = rename.to + k[len(rename.pattern) :] if k.startswith(rename.pattern) else k
             raw.renamed += new != k
             if new in out:
                 raise CheckpointError(f"checkpoint {raw.path}: checkpoint.key_map maps two keys onto {new!r}")

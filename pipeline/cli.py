@@ -36,8 +36,12 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="load, export, check parity and package each spec into the store")
     b.add_argument("specs", nargs="+", metavar="SPEC", help="model spec YAML files")
     b.add_argument("--store", default="model_store", type=Path, help="model store folder (default: model_store)")
-    b.add_argument("--format", type=_formats, help="eager, torchscript, onnx, a comma list or all; "
-                   "with several, archives are named <name>_<format>.mar (default: the spec's export.format)")
+    b.add_argument(
+        "--format",
+        type=_formats,
+        help="eager, torchscript, onnx, a comma list or all; "
+        "with several, archives are named <name>_<format>.mar (default: the spec's export.format)",
+    )
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), help="parity device (default: the spec's parity.device)")
     b.add_argument("--report", type=Path, help="write a JSON report with per-stage status and duration")
     b.add_argument("--fail-fast", action="store_true", help="stop at the first failed build")
@@ -118,8 +122,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _failed(job: Any, exc: PipelineError) -> dict[str, Any]:
-    return {"spec": str(job.source), "name": job.name, "format": job.export.format, "status": "failed",
-            "exit_code": exc.exit_code, "error": str(exc)}
+    return {
+        "spec": str(job.source),
+        "name": job.name,
+        "format": job.export.format,
+        "status": "failed",
+        "exit_code": exc.exit_code,
+        "error": str(exc),
+    }
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

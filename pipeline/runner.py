@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from pipeline.archive import alive
 from pipeline.errors import PipelineError
 from pipeline.spec import Spec
 
@@ -36,8 +39,14 @@ class BuildReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec, "name": self.name, "format": self.format, "status": "failed" if self.error else "ok",
-            "exit_code": self.exit_code, "error": self.error, "archive": self.archive, "parity": self.parity,
+            "spec": self.spec,
+            "name": self.name,
+            "format": self.format,
+            "status": "failed" if self.error else "ok",
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "archive": self.archive,
+            "parity": self.parity,
             "stages": [vars(s) for s in self.stages],
         }
 
@@ -66,19 +75,24 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
 
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
     dev = parity.resolve_device(spec, device)
-    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{spec.name}-"))  # private staging: builds never share it
+    clean_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{os.getpid()}-{spec.name}-"))  # private: builds never share it
     try:
         loaded = _timed(report, "load", lambda: load.run(spec), _load_detail)
         exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         checked = _timed(
-            report, "parity", lambda: parity.run(spec, loaded, workdir, meta, dev),
+            report,
+            "parity",
+            lambda: parity.run(spec, loaded, workdir, meta, dev),
             lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
         )
         report.parity = checked.record()
         packed = _timed(
-            report, "package", lambda: package.run(spec, store, workdir, sources, exported, meta, checked),
+            report,
+            "package",
+            lambda: package.run(spec, store, workdir, sources, exported, meta, checked),
             lambda p: f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries)",
         )
         report.archive = str(packed.archive)
@@ -88,6 +102,14 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def clean_stale_workdirs() -> None:
+    """Remove staging folders of builds that were killed (their pid no longer runs)."""
+    for path in Path(tempfile.gettempdir()).glob("marpipe-*-*"):
+        pid = path.name.split("-")[1]
+        if path.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _load_detail(loaded: Any) -> str:

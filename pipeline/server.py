@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,8 +47,16 @@ class Server:
             self._keys = {k: v["key"] for k, v in doc.items() if isinstance(v, dict) and "key" in v}
         return self._keys.get(kind)
 
-    def request(self, api: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                method: str | None = None, timeout: float = 60, auth: bool = True) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        api: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+        timeout: float = 60,
+        auth: bool = True,
+    ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request; returns (status, headers, body) for every status, errors included."""
         headers = dict(headers or {})
         token = self.key("management" if api == "management" else "inference") if auth else None
@@ -115,8 +124,16 @@ def config_text(store: Path, archives: list[str], host: str, ports: dict[str, in
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
-def start(store: Path, archives: list[Path] | None = None, *, host: str = "127.0.0.1", port: int | None = None,
-          auth: bool = True, model_api: bool = False, workdir: Path | None = None) -> Server:
+def start(
+    store: Path,
+    archives: list[Path] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    auth: bool = True,
+    model_api: bool = False,
+    workdir: Path | None = None,
+) -> Server:
     """Start TorchServe in its own process group with its own config, logs and temp folder."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise PackageError("TorchServe needs Java 11+ and none was found; install it (apt-get install openjdk-17-jre-headless)")
@@ -137,8 +154,13 @@ def start(store: Path, archives: list[Path] | None = None, *, host: str = "127.0
     ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), numbers))
     config = workdir / "config.properties"
     config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api))
-    env = dict(os.environ, TEMP=str(workdir / "tmp"), TMPDIR=str(workdir / "tmp"),
-               LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"))
+    env = dict(
+        os.environ,
+        TEMP=str(workdir / "tmp"),
+        TMPDIR=str(workdir / "tmp"),
+        LOG_LOCATION=str(workdir / "logs"),
+        METRICS_LOCATION=str(workdir / "logs"),
+    )
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     cmd = [_torchserve(), "--start", "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     if not auth:
@@ -163,13 +185,28 @@ def wait_ready(server: Server, timeout: float) -> dict[str, str]:
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             return {n: s if s == "READY" else f"TorchServe exited ({server.proc.returncode})" for n, s in status.items()}
+        failures = _load_failures(server)
         for name in status:
-            if status[name] != "READY":
-                status[name] = _model_status(server, name)
-        if all(s == "READY" for s in status.values()):
+            if status[name] == "READY" or status[name].startswith("load failed"):
+                continue
+            status[name] = _model_status(server, name)
+            if status[name] != "READY" and len(failures.get(name, [])) >= 2:
+                # TorchServe retries a failing worker forever; two identical failures are enough to know
+                status[name] = f"load failed: {failures[name][-1][:300]}"
+        if all(s == "READY" or s.startswith("load failed") for s in status.values()):
             return status
         time.sleep(0.5)
     return status
+
+
+def _load_failures(server: Server) -> dict[str, list[str]]:
+    """model name → the exceptions its workers logged while loading."""
+    log = server.workdir / "logs" / "model_log.log"
+    found: dict[str, list[str]] = {}
+    if log.exists():
+        for m in re.finditer(r"Failed to load model (\S+?), exception (.*)", log.read_text(errors="replace")):
+            found.setdefault(m.group(1), []).append(m.group(2).strip())
+    return found
 
 
 def _model_status(server: Server, name: str) -> str:
@@ -215,8 +252,7 @@ def running(store: Path, archives: list[Path] | None = None, **kwargs: Any):
 
 def serve_forever(args: Any) -> int:
     """`marpipe serve`: TorchServe in the foreground with the safe configuration until Ctrl-C."""
-    server = start(args.store, host=args.host, port=args.port, auth=not args.no_auth,
-                   model_api=args.enable_model_api, workdir=args.workdir)
+    server = start(args.store, host=args.host, port=args.port, auth=not args.no_auth, model_api=args.enable_model_api, workdir=args.workdir)
     try:
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
@@ -224,8 +260,10 @@ def serve_forever(args: Any) -> int:
         for name, s in sorted(status.items()):
             print(f"  {name:<28} {s}", file=sys.stderr)
         if server.auth:
-            print(f"token authorization is on: keys in {server.workdir / 'key_file.json'}; "
-                  "send 'Authorization: Bearer <inference key>'", file=sys.stderr)
+            print(
+                f"token authorization is on: keys in {server.workdir / 'key_file.json'}; send 'Authorization: Bearer <inference key>'",
+                file=sys.stderr,
+            )
         if server.proc.poll() is None:
             print("serving; Ctrl-C stops", file=sys.stderr)
             server.proc.wait()

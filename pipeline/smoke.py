@@ -32,8 +32,7 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
     tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
     rows = []
     bodies = {
-        "json": (json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode(),
-                 {"Content-Type": "application/json"}),
+        "json": (json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode(), {"Content-Type": "application/json"}),
         "npz": (_to_npz(inputs), {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}),
     }
     for transport, (body, headers) in bodies.items():
@@ -89,8 +88,9 @@ def smoke(store: Path, names: list[str], timeout: float) -> int:
         status = ts.wait_ready(server, timeout)
         for name, path in sorted((ts.archive_model_name(a), a) for a in archives):
             if status[name] != "READY":
-                rows.append({"model": name, "format": "?", "transport": "-", "ok": False, "max_abs": None,
-                             "why": f"not READY: {status[name]}"})
+                rows.append(
+                    {"model": name, "format": "?", "transport": "-", "ok": False, "max_abs": None, "why": f"not READY: {status[name]}"}
+                )
                 continue
             rows.extend(check_archive(server, name, path))
         if not all(r["ok"] for r in rows):

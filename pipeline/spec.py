@@ -9,9 +9,10 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -451,9 +452,7 @@ def _serve(r: _Reader, value: Any) -> Serve:
         response_timeout_s=take("response_timeout_s", 1),
         max_rows=take("max_rows", 1),
         handler=None if m.get("handler") is None else r.file(m["handler"], "serve.handler"),
-        extra_files=tuple(
-            r.file(f, f"serve.extra_files[{i}]") for i, f in enumerate(r.list_(m.get("extra_files"), "serve.extra_files"))
-        ),
+        extra_files=tuple(r.file(f, f"serve.extra_files[{i}]") for i, f in enumerate(r.list_(m.get("extra_files"), "serve.extra_files"))),
     )
     if serve.max_workers < serve.min_workers:
         raise r.fail("serve.max_workers", f"must be >= serve.min_workers ({serve.min_workers}), got {serve.max_workers}")

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import Project, store_state
+from safetensors.torch import save_file
 
 ENV = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # must not weaken marpipe's loading
 

@@ -37,12 +37,16 @@ def output_names(spec: Spec, model: Any, example: dict[str, Any]) -> list[str]:
     elif isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
         derived = [str(k) for k in out]
     else:
-        raise SpecError(f"{spec.source}: outputs: the model returns {type(out).__name__}; marpipe serves a tensor, a tuple or a dict of tensors")
+        raise SpecError(
+            f"{spec.source}: outputs: the model returns {type(out).__name__}; marpipe serves a tensor, a tuple or a dict of tensors"
+        )
     if spec.outputs is None:
         return derived
     names = [o.name for o in spec.outputs]
-    if isinstance(out, dict) and sorted(names) != sorted(derived):
-        raise SpecError(f"{spec.source}: outputs: the model returns the keys {derived}, the spec names {names}")
+    if isinstance(out, dict):
+        if sorted(names) != sorted(derived):
+            raise SpecError(f"{spec.source}: outputs: the model returns the keys {derived}, the spec names {names}")
+        return derived  # the model's own order: exporters flatten a dict in that order
     if len(names) != len(derived):
         raise SpecError(f"{spec.source}: outputs: the model returns {len(derived)} outputs, the spec names {len(names)} ({names})")
     return names
@@ -83,9 +87,12 @@ def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
 
 
 def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], path: Path) -> list[Path]:
+    import logging
+
     import onnx
     import torch
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
     big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB
     kwargs: dict[str, Any] = dict(input_names=list(example), output_names=names)
     if spec.export.onnx_opset is not None:
@@ -97,8 +104,15 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], pat
                 dims = {d: torch.export.Dim(d, min=1) for d in [BATCH, *spec.dims]}
                 shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
                 torch.onnx.export(
-                    model, tuple(example.values()), str(path), dynamo=True, dynamic_shapes=shapes,
-                    external_data=big, optimize=True, verbose=False, **kwargs,
+                    model,
+                    tuple(example.values()),
+                    str(path),
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    external_data=big,
+                    optimize=True,
+                    verbose=False,
+                    **kwargs,
                 )
             else:
                 axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}

@@ -79,7 +79,9 @@ def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any]) -> set
     if mismatched:
         shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}" for k in mismatched]
         parts.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
-    hint = "set checkpoint.key_map or strip_prefix, or strict: false" if not mismatched else "check architecture.kwargs, or set strict: false"
+    hint = (
+        "set checkpoint.key_map or strip_prefix, or strict: false" if not mismatched else "check architecture.kwargs, or set strict: false"
+    )
     raise CheckpointError(f"checkpoint {raw.path}: {', '.join(parts)}; {hint}")
 
 

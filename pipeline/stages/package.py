@@ -50,7 +50,9 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
             raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
         files[extra.name] = extra
     if spec.architecture.file.name in RESERVED - {HANDLER.name} or spec.architecture.file.name == HANDLER.name:
-        raise SpecError(f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file")
+        raise SpecError(
+            f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file"
+        )
     for name, src in files.items():
         shutil.copyfile(src, workdir / name)
     return {name: workdir / name for name in files}
@@ -65,7 +67,9 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "format": exported.format,
         "artifact": exported.files[0].name,
         "architecture": {"file": spec.architecture.file.name, "class": spec.architecture.class_name, "kwargs": spec.architecture.kwargs},
-        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None} for t in spec.inputs],
+        "inputs": [
+            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None} for t in spec.inputs
+        ],
         "outputs": [dict(zip(("name", "atol", "rtol"), (n, *spec.tolerance(n)))) for n in exported.output_names],
         "dims": {k: list(v) for k, v in spec.dims.items()},
         "checkpoint": dict(
@@ -78,8 +82,12 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         ),
         "export": {"format": exported.format, "detail": exported.detail},
         "serve": {
-            "batch_size": s.batch_size, "max_batch_delay_ms": s.max_batch_delay_ms, "min_workers": s.min_workers,
-            "max_workers": s.max_workers, "response_timeout_s": s.response_timeout_s, "max_rows": s.max_rows,
+            "batch_size": s.batch_size,
+            "max_batch_delay_ms": s.max_batch_delay_ms,
+            "min_workers": s.min_workers,
+            "max_workers": s.max_workers,
+            "response_timeout_s": s.response_timeout_s,
+            "max_rows": s.max_rows,
         },
         "versions": versions(),
     }
@@ -93,7 +101,9 @@ def model_config(spec: Spec) -> str:
     )
 
 
-def run(spec: Spec, store: Path, workdir: Path, sources: dict[str, Path], exported: Exported, meta: dict[str, Any], parity: ParityResult) -> Packaged:
+def run(
+    spec: Spec, store: Path, workdir: Path, sources: dict[str, Path], exported: Exported, meta: dict[str, Any], parity: ParityResult
+) -> Packaged:
     files = dict(sources)
     files.update({p.name: p for p in exported.files})
     config = workdir / "model-config.yaml"

@@ -34,8 +34,14 @@ class OutputRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "atol": self.atol, "rtol": self.rtol, "max_abs": self.max_abs, "max_rel": self.max_rel,
-            "mismatched_fraction": self.mismatched, "nan": self.nan, "inf": self.inf, "passed": not self.failures,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "mismatched_fraction": self.mismatched,
+            "nan": self.nan,
+            "inf": self.inf,
+            "passed": not self.failures,
         }
 
 
@@ -80,7 +86,9 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     try:
         runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
     except Exception as exc:
-        raise ParityError(f"{spec.name}: the {spec.export.format} artifact does not load as the handler loads it: {type(exc).__name__}: {exc}") from None
+        raise ParityError(
+            f"{spec.name}: the {spec.export.format} artifact does not load as the handler loads it: {type(exc).__name__}: {exc}"
+        ) from None
     records = {n: OutputRecord(*spec.tolerance(n)) for n in names}
     shapes = inputs.shapes(spec)
     ref_in: dict[str, np.ndarray] = {}
@@ -104,7 +112,11 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
                 ref_in, ref_out = arrays, expected
     loaded.model.to("cpu")
     _print(spec, records, len(shapes) * spec.parity.samples)
-    failed = [f"{n}: {r.failures[0]}" + (f" (+{len(r.failures) - 1} more)" if len(r.failures) > 1 else "") for n, r in records.items() if r.failures]
+    failed = [
+        f"{n}: {r.failures[0]}" + (f" (+{len(r.failures) - 1} more)" if len(r.failures) > 1 else "")
+        for n, r in records.items()
+        if r.failures
+    ]
     if failed:
         raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
     return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out)

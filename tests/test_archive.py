@@ -1,0 +1,216 @@
+"""Archives you can trust: contents, reproducible bytes, verify, atomic writes, concurrent builds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, Project, marpipe
+
+from pipeline.archive import clean_leftovers, verify
+
+
+def _entries(archive: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(archive) as z:
+        return {i.filename: z.read(i.filename) for i in z.infolist()}
+
+
+def test_archive_contents(linear_project: Project) -> None:
+    assert linear_project.build(linear_project.spec(version="2.1")).returncode == 0
+    entries = _entries(linear_project.store / "tiny.mar")
+    assert list(entries) == [
+        "marpipe_handler.py",
+        "model-config.yaml",
+        "parity_inputs.npz",
+        "parity_outputs.npz",
+        "tiny.py",
+        "weights.pt",
+        "marpipe.json",
+        "MAR-INF/MANIFEST.json",
+    ]
+    manifest = json.loads(entries["MAR-INF/MANIFEST.json"])
+    assert manifest["model"] == {
+        "modelName": "tiny",
+        "serializedFile": "weights.pt",
+        "handler": "marpipe_handler.py",
+        "modelVersion": "2.1",
+        "configFile": "model-config.yaml",
+    }
+    assert manifest["runtime"] == "python"
+    meta = json.loads(entries["marpipe.json"])
+    assert meta["architecture"] == {"file": "tiny.py", "class": "Linear", "kwargs": {}}
+    assert meta["checkpoint"]["sha256"] == hashlib.sha256((linear_project.root / "tiny.pth").read_bytes()).hexdigest()
+    assert {"torch", "marpipe"} <= set(meta["versions"])
+    for name, digest in meta["files"].items():
+        assert hashlib.sha256(entries[name]).hexdigest() == digest
+    assert entries["model-config.yaml"].decode() == "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 20\nresponseTimeout: 120\n"
+    state = torch.load(io.BytesIO(entries["weights.pt"]), weights_only=True)
+    assert sorted(state) == ["fc.bias", "fc.weight"]
+    with zipfile.ZipFile(linear_project.store / "tiny.mar") as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED and i.date_time == (1980, 1, 1, 0, 0, 0) for i in z.infolist())
+
+
+def test_reproducible_whatever_time_zone_folder_or_mtimes(linear_project: Project, tmp_path: Path) -> None:
+    spec = linear_project.spec()
+    assert linear_project.build(spec).returncode == 0
+    first = (linear_project.store / "tiny.mar").read_bytes()
+    for p in (linear_project.root / "tiny.pth", linear_project.root / "models" / "tiny.py"):
+        os.utime(p, (1_000_000_000, 1_000_000_000))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    result = marpipe("build", "--store", str(tmp_path / "store2"), str(spec), env={"TZ": "Asia/Tokyo"}, cwd=other)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "store2" / "tiny.mar").read_bytes() == first
+    result = marpipe("build", "--store", str(tmp_path / "store3"), str(spec), env={"SOURCE_DATE_EPOCH": "1700000000"})
+    with zipfile.ZipFile(tmp_path / "store3" / "tiny.mar") as z:
+        assert {i.date_time for i in z.infolist()} == {(2023, 11, 14, 22, 13, 20)}
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            name, data = change(info.filename, z.read(info.filename))
+            if name is not None:
+                out.writestr(name, data)
+
+
+def test_verify_finds_every_fault(linear_project: Project, tmp_path: Path) -> None:
+    assert linear_project.build(linear_project.spec()).returncode == 0
+    good = linear_project.store / "tiny.mar"
+    assert verify(good) == []
+    flipped = tmp_path / "flipped.mar"
+    data = bytearray(good.read_bytes())
+    data[data.index(b"class Linear") + 2] ^= 0x20
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.mar"
+    truncated.write_bytes(good.read_bytes()[:-200])
+    traversal, swapped, no_manifest = tmp_path / "traversal.mar", tmp_path / "swapped.mar", tmp_path / "nomanifest.mar"
+    _rewrite(good, traversal, lambda n, d: (n, d))
+    with zipfile.ZipFile(traversal, "a") as z:
+        z.writestr("../evil.py", b"print('x')")
+    _rewrite(good, swapped, lambda n, d: (n, d.replace(b"Linear", b"Lineax") if n == "tiny.py" else d))
+    _rewrite(good, no_manifest, lambda n, d: (None, d) if n.startswith("MAR-INF") else (n, d))
+    expected = {
+        flipped: "fails its CRC check",
+        truncated: "truncated",
+        traversal: "unsafe entry name '../evil.py'",
+        swapped: "'tiny.py': sha256",
+        no_manifest: "no MAR-INF/MANIFEST.json",
+    }
+    for path, fault in expected.items():
+        faults = verify(path)
+        assert any(fault in f for f in faults), (path.name, faults)
+    result = marpipe("verify", str(good), *map(str, expected))
+    assert result.returncode == 6
+    assert result.stdout.count("FAIL") == len(expected) and f"ok   {good}" in result.stdout
+
+
+def _big_project(project: Project) -> Path:
+    """A Linear big enough (~64 MB of weights) that a build spends a while in each stage."""
+    project.save(project.model("Linear", n_in=4096, n_out=4096).state_dict(), "big.pth")
+    return project.spec(
+        name="big",
+        checkpoint={"path": "big.pth"},
+        kwargs={"n_in": 4096, "n_out": 4096},
+        inputs=[{"name": "x", "shape": ["batch", 4096]}],
+        parity={"batch_sizes": [2], "samples": 1, "atol": 1e-4},
+    )
+
+
+def test_kill_9_never_leaves_a_partial_archive(project: Project) -> None:
+    spec = _big_project(project)
+    assert project.build(spec).returncode == 0
+    previous = (project.store / "big.mar").read_bytes()
+    rng = random.Random(7)
+    trials, results = 8, []
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for _ in range(trials):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "build", "--store", str(project.store), str(spec)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        time.sleep(rng.uniform(1.5, 4.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        mars = sorted(p.name for p in project.store.glob("*.mar"))
+        assert mars == ["big.mar"]
+        assert (project.store / "big.mar").read_bytes() == previous  # reproducible, so a finished rebuild is identical
+        results.append(any(p.name.endswith(".tmp") for p in project.store.iterdir()))
+    assert project.build(spec).returncode == 0
+    assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
+    assert verify(project.store / "big.mar") == []
+    import tempfile
+
+    staging = [p for p in Path(tempfile.gettempdir()).glob("marpipe-*-big-*") if p.is_dir()]
+    assert staging == []  # killed builds' private staging folders are cleaned too
+    print(f"kill -9 trials: {trials}, left a temp file: {sum(results)}, partial archives: 0")
+
+
+def test_leftovers_of_dead_builds_are_cleaned(tmp_path: Path) -> None:
+    target = tmp_path / "m.mar"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".m.mar.{dead.pid}.tmp"
+    stale.write_bytes(b"partial")
+    live = tmp_path / f".m.mar.{os.getppid()}.tmp"
+    live.write_bytes(b"someone else's build in progress")
+    clean_leftovers(target)
+    assert not stale.exists() and live.exists()
+
+
+def test_concurrent_builds_never_mix_files(project: Project) -> None:
+    """Six builds of one name with different weights, and six of different names, all into one store at once."""
+    jobs = []
+    for i in range(6):
+        model = project.model("Linear")
+        torch.nn.init.normal_(model.fc.weight, generator=torch.Generator().manual_seed(i))
+        project.save(model.state_dict(), f"w{i}.pth")
+        jobs.append(project.spec(name=f"m{i}", checkpoint={"path": f"w{i}.pth"}))
+        same = project.spec(name="same", checkpoint={"path": f"w{i}.pth"})
+        jobs.append(same.rename(project.root / f"same{i}.yaml"))
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda s: project.build(s), jobs))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    assert sorted(p.name for p in project.store.glob("*.mar")) == sorted(["same.mar"] + [f"m{i}.mar" for i in range(6)])
+    for archive in project.store.glob("*.mar"):
+        assert verify(archive) == []
+        entries = _entries(archive)
+        meta = json.loads(entries["marpipe.json"])
+        source_name = meta["checkpoint"]["path"]
+        if archive.name != "same.mar":
+            assert source_name == f"w{archive.stem[1:]}.pth"
+        source = project.root / source_name
+        assert meta["checkpoint"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        weights = torch.load(io.BytesIO(entries["weights.pt"]), weights_only=True)
+        expected = torch.load(source, weights_only=True)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)  # weights and metadata from one build
+    assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fixture", ["linear_project"])
+def test_inspect(fixture: str, request) -> None:
+    project = request.getfixturevalue(fixture)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in project.model("Linear").state_dict().items()}}, project.root / "n.pth")
+    result = marpipe("inspect", "--json", str(project.root / "n.pth"))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["format"] == "torch-zip" and info["nested_key"] == "state_dict"
+    assert info["detected_prefixes"] == ["module."] and info["parameter_count"] == 10
+    assert info["tensors"]["module.fc.weight"] == {"shape": [2, 4], "dtype": "float32"}
+    text = marpipe("inspect", str(project.root / "n.pth")).stdout
+    assert "module.fc.weight" in text and "parameters   10" in text

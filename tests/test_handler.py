@@ -1,0 +1,175 @@
+"""The handler without a server: a small fake TorchServe context, a real archive folder, exact expectations."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from handlers import marpipe_handler as h
+
+
+class FakeContext:
+    """The parts of ts.context.Context the handler uses."""
+
+    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
+        self.headers = headers or []
+        self.status: dict[int, tuple[int, str]] = {}
+        self.content_type: dict[int, str] = {}
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.headers[idx] if idx < len(self.headers) else {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.status[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_type[idx] = value
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A Linear(4, 2) with fixed weights, built and extracted as TorchServe would, with its handler Service."""
+    from conftest import Project
+
+    project = Project(tmp_path_factory.mktemp("handler"))
+    model = project.model("Linear")
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]]))
+        model.fc.bias.copy_(torch.tensor([0.5, -1.0]))
+    project.save(model.state_dict(), "tiny.pth")
+    spec = project.spec(outputs=[{"name": "y"}], serve={"max_rows": 5})
+    assert project.build(spec).returncode == 0
+    folder = _extract(project.store / "tiny.mar", project.root / "extracted")
+    return h.Service(FakeContext(folder)), folder
+
+
+def _expected(rows: list[list[float]]) -> list[list[float]]:
+    return [[r[0] + 0.5, 2 * r[1] + r[3] - 1.0] for r in rows]
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_json_npz_and_bare_list(served) -> None:
+    service, folder = served
+    rows = [[1, 2, 3, 4], [0.5, 0, 0, 0]]
+    ctx = FakeContext(
+        folder, [{"Content-Type": "application/json"}, {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}, {}]
+    )
+    data = [
+        {"body": {"inputs": {"x": rows}}},  # TorchServe hands JSON over already decoded
+        {"body": _npz(x=np.array(rows, dtype=np.float32))},
+        {"body": json.dumps(rows).encode()},  # a bare nested list, as raw bytes
+    ]
+    out = service.handle(data, ctx)
+    assert json.loads(out[0]) == {"outputs": {"y": _expected(rows)}}
+    with np.load(io.BytesIO(out[1]), allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["y"], np.array(_expected(rows), dtype=np.float32))
+    assert ctx.content_type[1] == "application/x-npz"
+    assert json.loads(out[2])["outputs"]["y"] == _expected(rows)
+    assert ctx.status == {}
+
+
+BAD = {
+    "not json": (b"{nope", 400, "not valid JSON"),
+    "missing input": ({"inputs": {}}, 400, "missing input 'x'"),
+    "unknown input": ({"inputs": {"x": [[1, 2, 3, 4]], "z": [1]}}, 400, "unknown inputs ['z']"),
+    "wrong shape": ({"inputs": {"x": [[1, 2, 3]]}}, 400, "dimension 1 must be 4"),
+    "wrong rank": ({"inputs": {"x": [1, 2, 3, 4]}}, 400, "expected 2 dimensions"),
+    "ragged": ({"inputs": {"x": [[1, 2, 3, 4], [1]]}}, 400, "not a rectangular array"),
+    "strings": ({"inputs": {"x": [["a", "b", "c", "d"]]}}, 400, "values must be numbers"),
+    "too many rows": ({"inputs": {"x": [[0, 0, 0, 0]] * 6}}, 413, "at most 5 are allowed"),
+    "not an object": (42, 400, 'expected {"inputs"'),
+    "bad npz": (b"PK\x03\x04garbage", 400, "not a readable .npz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_request_fails_alone(served, case: str) -> None:
+    service, folder = served
+    body, status, message = BAD[case]
+    good = {"body": {"inputs": {"x": [[1, 1, 1, 1]]}}}
+    ctx = FakeContext(folder)
+    out = service.handle([good, {"body": body}, good], ctx)
+    assert ctx.status[1][0] == status
+    assert message in json.loads(out[1])["error"]
+    assert 0 not in ctx.status and 2 not in ctx.status
+    assert json.loads(out[0])["outputs"]["y"] == _expected([[1, 1, 1, 1]])
+    assert json.loads(out[2]) == json.loads(out[0])
+
+
+def test_casts_only_when_safe() -> None:
+    spec_int = {"name": "ids", "shape": ["batch", 2], "dtype": "int64", "range": [0, 10]}
+    spec_float = {"name": "x", "shape": ["batch", 2], "dtype": "float32", "range": None}
+    meta = {"inputs": [spec_float]}
+    assert h.to_arrays({"inputs": {"x": [[1, 2]]}}, meta)["x"].dtype == np.float32  # ints to floats: fine
+    with pytest.raises(h.BadRequest, match="floating-point values"):
+        h.to_arrays({"inputs": {"ids": [[1.5, 2]]}}, {"inputs": [spec_int]})
+    with pytest.raises(h.BadRequest, match=r"must lie in \[0, 10\)"):
+        h.to_arrays({"inputs": {"ids": [[1, 10]]}}, {"inputs": [spec_int]})
+    assert h.to_arrays({"inputs": {"ids": np.array([[1, 9]], dtype=np.int32)}}, {"inputs": [spec_int]})["ids"].dtype == np.int64
+
+
+def test_batch_groups_by_dynamic_dims(tmp_path: Path) -> None:
+    """Requests with different sequence lengths run in separate forward passes; results go back per request."""
+    calls: list[tuple] = []
+
+    def runner(arrays):
+        calls.append(arrays["ids"].shape)
+        return {"total": arrays["ids"].sum(axis=1, keepdims=True)}
+
+    service = h.Service.__new__(h.Service)
+    service.meta = {
+        "inputs": [{"name": "ids", "shape": ["batch", "seq"], "dtype": "int64", "range": [0, 100]}],
+        "outputs": [{"name": "total"}],
+    }
+    service.runner = runner
+    data = [
+        {"body": {"inputs": {"ids": [[1, 2, 3]]}}},
+        {"body": {"inputs": {"ids": [[1, 1], [2, 2]]}}},
+        {"body": {"inputs": {"ids": [[5, 5, 5], [1, 1, 1]]}}},
+    ]
+    out = service.handle(data, FakeContext(tmp_path))
+    assert sorted(calls) == [(2, 2), (3, 3)]
+    assert [json.loads(o)["outputs"]["total"] for o in out] == [[[6]], [[2], [4]], [[15], [3]]]
+
+
+def test_a_request_that_breaks_the_model_does_not_fail_its_batch(tmp_path: Path) -> None:
+    def runner(arrays):
+        if (arrays["x"] < 0).any():
+            raise RuntimeError("negative input")
+        return {"y": arrays["x"] * 2}
+
+    service = h.Service.__new__(h.Service)
+    service.meta = {"inputs": [{"name": "x", "shape": ["batch", 1], "dtype": "float32"}], "outputs": [{"name": "y"}]}
+    service.runner = runner
+    ctx = FakeContext(tmp_path)
+    out = service.handle([{"body": [[1.0]]}, {"body": [[-1.0]]}, {"body": [[3.0]]}], ctx)
+    assert ctx.status[1][0] == 500 and "negative input" in json.loads(out[1])["error"]
+    assert json.loads(out[0])["outputs"]["y"] == [[2.0]] and json.loads(out[2])["outputs"]["y"] == [[6.0]]
+
+
+def test_handler_is_self_contained() -> None:
+    import ast
+
+    source = Path(h.__file__).read_text()
+    modules = {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
+    allowed = {"__future__", "importlib", "io", "json", "logging", "os", "sys", "typing", "numpy", "torch", "onnxruntime"}
+    assert modules <= allowed, modules - allowed

@@ -1,0 +1,260 @@
+"""A real TorchServe 0.12 on loopback serving every example in every format, plus the test models.
+
+One server for the module (token authorization on, as in production; model API off). Stopped afterwards
+even when a test fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, Project, marpipe
+
+from pipeline import inputs as gen
+from pipeline import server as ts
+from pipeline.spec import load_spec
+from pipeline.stages import load
+
+pytestmark = pytest.mark.slow
+EXAMPLES = ROOT / "examples"
+FORMATS = ("eager", "torchscript", "onnx")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(EXAMPLES))
+    import make_checkpoints
+
+    make_checkpoints.main(EXAMPLES / "checkpoints")
+    project = Project(tmp_path_factory.mktemp("serving"))
+    result = project.build("--format", "all", *sorted(EXAMPLES.glob("*.yaml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    project.save(project.model("TwoInTwoOut").state_dict(), "two.pth")
+    project.save(project.model("DictOut").state_dict(), "dict.pth")
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    two = project.spec(
+        name="two",
+        cls="TwoInTwoOut",
+        checkpoint={"path": "two.pth"},
+        inputs=[{"name": "x", "shape": ["batch", 4]}, {"name": "seq", "shape": ["batch", "steps", 4]}],
+        dims={"steps": [2, 5]},
+        outputs=[{"name": "joint"}, {"name": "per_step"}],
+    )
+    dict_out = project.spec(name="dictout", cls="DictOut", checkpoint={"path": "dict.pth"})
+    batched = project.spec(name="batched", serve={"batch_size": 8, "max_batch_delay_ms": 300, "max_rows": 16})
+    result = project.build("--format", "all", two, dict_out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert project.build(batched).returncode == 0
+    return project.store
+
+
+@pytest.fixture(scope="module")
+def server(store: Path):
+    srv = ts.start(store, auth=True)
+    try:
+        status = ts.wait_ready(srv, 300)
+        assert all(s == "READY" for s in status.values()), (status, srv.log_tail(40))
+        yield srv
+    finally:
+        ts.stop(srv)
+
+
+def _meta(archive: Path) -> dict:
+    with zipfile.ZipFile(archive) as z:
+        return json.loads(z.read("marpipe.json"))
+
+
+def _eager(store: Path, name: str):
+    """The eager model and spec, rebuilt from the archive's own source spec and checkpoint."""
+    meta = _meta(store / f"{name}.mar")
+    base = name.rsplit("_", 1)[0]
+    spec_path = EXAMPLES / f"{base}.yaml" if (EXAMPLES / f"{base}.yaml").exists() else store.parent / f"{base}.yaml"
+    spec = load_spec(spec_path)
+    return load.run(spec).model, spec, meta
+
+
+def _post(server: ts.Server, name: str, body: bytes, ctype: str, accept: str | None = None, auth: bool = True):
+    headers = {"Content-Type": ctype}
+    if accept:
+        headers["Accept"] = accept
+    return server.request("inference", f"/predictions/{name}", body, headers, auth=auth)
+
+
+def _npz(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _served_names(store: Path) -> list[str]:
+    return sorted(p.stem for p in store.glob("*.mar") if p.stem != "batched")
+
+
+def test_every_archive_answers_like_eager(server: ts.Server, store: Path) -> None:
+    names = _served_names(store)
+    assert len(names) == 15  # 3 examples and 2 test models, in 3 formats
+    for name in names:
+        model, spec, meta = _eager(store, name)
+        dims = {"batch": 3, **{d: v[-1] for d, v in spec.dims.items()}}
+        tensors = gen.make(spec, dims, seed=123)
+        with torch.inference_mode():
+            from handlers.marpipe_handler import name_outputs
+
+            expected = name_outputs(model(*tensors.values()), [o["name"] for o in meta["outputs"]])
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        code, _, body = _post(server, name, json.dumps({"inputs": {k: v.tolist() for k, v in arrays.items()}}).encode(), "application/json")
+        assert code == 200, (name, body)
+        got_json = json.loads(body)["outputs"]
+        code, headers, body = _post(server, name, _npz(arrays), "application/x-npz", "application/x-npz")
+        assert code == 200, (name, body)
+        with np.load(io.BytesIO(body), allow_pickle=False) as npz:
+            got_npz = {k: npz[k] for k in npz.files}
+        for out, ref in expected.items():
+            atol, rtol = spec.tolerance(out)
+            np.testing.assert_allclose(np.asarray(got_json[out], dtype=ref.dtype), ref, atol=atol, rtol=rtol, err_msg=f"{name}/{out} json")
+            np.testing.assert_allclose(got_npz[out], ref, atol=atol, rtol=rtol, err_msg=f"{name}/{out} npz")
+
+
+def test_readme_example_request(server: ts.Server) -> None:
+    body = json.dumps({"inputs": {"x": [[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]]}}).encode()
+    code, _, answer = _post(server, "simplenet_eager", body, "application/json")
+    assert code == 200
+    assert list(json.loads(answer)) == ["outputs"] and len(json.loads(answer)["outputs"]["y"]) == 1
+
+
+def _batched_expected(store: Path, rows: list[list[float]]) -> np.ndarray:
+    state = torch.load(store.parent / "tiny.pth", weights_only=True)
+    return np.asarray(rows, dtype=np.float32) @ state["fc.weight"].numpy().T + state["fc.bias"].numpy()
+
+
+def test_a_batch_mixing_good_and_malformed_requests(server: ts.Server, store: Path) -> None:
+    """Sent at once, these land in one TorchServe batch (max_batch_delay 300 ms); only the bad ones fail."""
+    good = [[[float(i), 1.0, 2.0, 3.0]] for i in range(5)]
+    bad = [b'{"inputs": {"x": [[1, 2]]}}', b"not json", b'{"inputs": {"y": [[1, 2, 3, 4]]}}']
+    jobs = [(json.dumps({"inputs": {"x": g}}).encode(), g) for g in good] + [(b, None) for b in bad]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(lambda j: _post(server, "batched", j[0], "application/json"), jobs))
+    for (_, rows), (code, _, answer) in zip(jobs, answers):
+        if rows is None:
+            assert code == 400 and "error" in json.loads(answer), answer
+        else:
+            assert code == 200, answer
+            np.testing.assert_allclose(json.loads(answer)["outputs"]["output"], _batched_expected(store, rows), rtol=1e-6, atol=1e-6)
+
+
+def test_unauthenticated_request_is_refused(server: ts.Server) -> None:
+    code, _, body = _post(server, "simplenet_eager", b"[[0,0,0,0,0,0,0,0,0,0]]", "application/json", auth=False)
+    assert code in (400, 401, 403)
+    assert b"Token Authorization failed" in body
+
+
+def test_registering_a_model_over_the_api_is_refused(server: ts.Server, store: Path) -> None:
+    before = json.loads(server.request("management", "/models")[2])
+    code, _, body = server.request("management", "/models?url=simplenet_eager.mar&model_name=intruder", b"", method="POST")
+    assert code >= 400, body
+    after = json.loads(server.request("management", "/models")[2])
+    assert after == before and "intruder" not in json.dumps(after)
+
+
+def _worker_pids(server: ts.Server, name: str) -> list[int]:
+    return sorted(w["pid"] for w in json.loads(server.request("management", f"/models/{name}")[2])[0]["workers"])
+
+
+def test_bad_requests_under_load(server: ts.Server, store: Path) -> None:
+    """A bounded load (240 requests, 8 clients): every good answer right, every bad one 4xx, no worker restart."""
+    pids = _worker_pids(server, "batched")
+    rows = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
+    kinds = {
+        "good": (json.dumps({"inputs": {"x": rows}}).encode(), "application/json", 200),
+        "good_npz": (_npz({"x": np.asarray(rows, dtype=np.float32)}), "application/x-npz", 200),
+        "bad_json": (b'{"inputs": {"x": [[1, 2, 3, 4]]', "application/json", 400),
+        "wrong_shape": (json.dumps({"inputs": {"x": [[1, 2, 3]]}}).encode(), "application/json", 400),
+        "wrong_dtype": (json.dumps({"inputs": {"x": [["a", "b", "c", "d"]]}}).encode(), "application/json", 400),
+        "too_many_rows": (json.dumps({"inputs": {"x": [[0, 0, 0, 0]] * 17}}).encode(), "application/json", 413),
+        "oversized": (b"", "application/json", 413),
+    }
+    plan = [k for k in kinds for _ in range(240 // len(kinds))]
+    expected = _batched_expected(store, rows)
+
+    def send(kind: str) -> tuple[str, int, bytes]:
+        if kind == "oversized":
+            return kind, _oversized(server, "batched", 10_000_000), b""
+        body, ctype, _ = kinds[kind]
+        accept = "application/x-npz" if kind == "good_npz" else None
+        code, _, answer = _post(server, "batched", body, ctype, accept)
+        return kind, code, answer
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(send, plan))
+    failures = []
+    for kind, code, answer in results:
+        if code != kinds[kind][2]:
+            failures.append((kind, code, answer[:100]))
+        elif kind == "good":
+            np.testing.assert_allclose(json.loads(answer)["outputs"]["output"], expected, rtol=1e-6, atol=1e-6)
+        elif kind == "good_npz":
+            with np.load(io.BytesIO(answer), allow_pickle=False) as npz:
+                np.testing.assert_allclose(npz["output"], expected, rtol=1e-6, atol=1e-6)
+    assert not failures, failures[:5]
+    assert _worker_pids(server, "batched") == pids
+    print(f"load: {len(results)} requests, {sum(k.startswith('good') for k in plan)} good, 0 unexpected answers, worker pids unchanged")
+
+
+def _oversized(server: ts.Server, name: str, size: int) -> int:
+    """Announce a body over TorchServe's max_request_size: it answers before reading it (100-continue)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.host, server.ports["inference"], timeout=30)
+    try:
+        conn.putrequest("POST", f"/predictions/{name}")
+        for key, value in (
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(size)),
+            ("Expect", "100-continue"),
+            ("Authorization", f"Bearer {server.key('inference')}"),
+        ):
+            conn.putheader(key, value)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_smoke_command_on_the_store(store: Path) -> None:
+    result = marpipe("smoke", "--store", str(store), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ok ") == 2 * len(list(store.glob("*.mar")))
+
+
+def test_smoke_fails_on_a_wrong_answer_and_a_model_that_does_not_load(store: Path, tmp_path: Path) -> None:
+    bad_store = tmp_path / "store"
+    bad_store.mkdir()
+    (bad_store / "simplenet_eager.mar").write_bytes((store / "simplenet_eager.mar").read_bytes())
+    _rewrite(
+        store / "simplenet_onnx.mar",
+        bad_store / "simplenet_onnx.mar",
+        "parity_outputs.npz",
+        lambda d: _npz({"y": np.zeros((4, 1), dtype=np.float32) + 9}),
+    )
+    _rewrite(store / "simplenet_torchscript.mar", bad_store / "simplenet_torchscript.mar", "model.pt", lambda d: b"garbage")
+    result = marpipe("smoke", "--store", str(bad_store), "--timeout", "90", timeout=600)
+    assert result.returncode == 5, result.stdout + result.stderr
+    lines = {ln.split()[0] + " " + ln.split()[2]: ln for ln in result.stdout.splitlines()[1:]}
+    assert " ok " in lines["simplenet_eager json"] and " ok " in lines["simplenet_eager npz"]
+    assert "FAIL" in lines["simplenet_onnx json"] and "max abs" in lines["simplenet_onnx json"]
+    assert any("simplenet_torchscript" in ln and "not READY" in ln for ln in result.stdout.splitlines())
+
+
+def _rewrite(src: Path, dst: Path, entry: str, change) -> None:
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            data = z.read(info.filename)
+            out.writestr(info.filename, change(data) if info.filename == entry else data)
