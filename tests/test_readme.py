@@ -24,7 +24,7 @@ def test_readme_spec_block_is_accepted(linear_project: Project) -> None:
     path.write_text(yaml.safe_dump(doc))
     spec = load_spec(path)
     assert spec.name == "mlp" and spec.dims == {"seq": (5, 16)}
-    assert spec.checkpoint.key_map[1].regex and spec.serve.max_rows == 64
+    assert spec.checkpoint.key_map == () and spec.serve.max_rows == 64
 
 
 def test_readme_exit_codes_match_the_code() -> None:
