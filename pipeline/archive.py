@@ -17,6 +17,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 from pipeline.errors import PackageError
 
@@ -41,16 +42,77 @@ def _info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def _stream(z: zipfile.ZipFile, name: str, src: Path) -> str:
-    digest = hashlib.sha256()
-    size = src.stat().st_size
-    info = _info(name)
-    info.file_size = size
-    with open(src, "rb") as f, z.open(info, "w", force_zip64=size > 2**31) as out:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
+class Known(NamedTuple):
+    """An entry's digests computed earlier, and the (size, mtime_ns) of the file when they were."""
+
+    sha256: str
+    crc32: int
+    stat: tuple[int, int]
+
+
+def _stream(z: zipfile.ZipFile, name: str, src: Path, known: Known | None = None) -> str:
+    """Copy one file into the archive in one pass; with its digests known, the kernel copies it (no read here)."""
+    with open(src, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        info = _info(name)
+        info.file_size = st.st_size
+        if known:
+            if (st.st_size, st.st_mtime_ns) != known.stat:
+                raise PackageError(f"{src.resolve()} changed while the build was running; build again")
+            _copy_stored(z, info, f, known.crc32)
+            return known.sha256
+        digest = hashlib.sha256()
+        buf = bytearray(CHUNK)
+        with z.open(info, "w", force_zip64=st.st_size > 2**31) as out:
+            while n := f.readinto(buf):
+                view = memoryview(buf)[:n]
+                digest.update(view)
+                out.write(view)
     return digest.hexdigest()
+
+
+def _copy_stored(z: zipfile.ZipFile, info: zipfile.ZipInfo, src: BinaryIO, crc: int) -> None:
+    """A stored entry whose CRC is known: header by zipfile, data by copy_file_range, directory by zipfile.
+
+    This reaches into zipfile's writer state (fp, start_dir, filelist): the same steps ZipFile.write takes,
+    minus reading the data through Python, which costs seconds per GiB.
+    """
+    size = info.file_size
+    info.compress_size, info.CRC = size, crc
+    zip64 = size > zipfile.ZIP64_LIMIT
+    z.fp.seek(z.start_dir)
+    info.header_offset = z.fp.tell()
+    z.fp.write(info.FileHeader(zip64))
+    z.fp.flush()
+    dst, offset = z.fp.fileno(), z.fp.tell()
+    copied = 0
+    while copied < size:
+        try:
+            n = os.copy_file_range(src.fileno(), dst, size - copied, copied, offset + copied)
+        except OSError:  # another file system, or an old kernel
+            z.fp.seek(offset + copied)
+            n = _copy_slow(src, z.fp, copied, size - copied)
+        if n == 0:
+            raise PackageError(f"{src.name} shrank while it was being archived; build again")
+        copied += n
+    z.fp.seek(offset + size)
+    z.start_dir = z.fp.tell()
+    z.filelist.append(info)
+    z.NameToInfo[info.filename] = info
+    z._didModify = True
+
+
+def _copy_slow(src: BinaryIO, dst: BinaryIO, start: int, count: int) -> int:
+    src.seek(start)
+    buf = bytearray(CHUNK)
+    done = 0
+    while done < count:
+        n = src.readinto(memoryview(buf)[: min(CHUNK, count - done)])
+        if not n:
+            break
+        dst.write(memoryview(buf)[:n])
+        done += n
+    return done
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -84,7 +146,13 @@ def manifest(model_name: str, version: str, artifact: str, handler: str) -> byte
     return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
-def write_archive(target: Path, files: dict[str, Path], metadata: dict, manifest_bytes: bytes) -> dict[str, str]:
+def write_archive(
+    target: Path,
+    files: dict[str, Path],
+    metadata: dict,
+    manifest_bytes: bytes,
+    known: dict[str, Known] | None = None,
+) -> dict[str, str]:
     """Write `target` atomically: files (archive name → source) sorted, then marpipe.json, then the manifest.
 
     Returns the sha256 of every entry. A lock serialises builds of the same archive; the temporary file
@@ -99,7 +167,7 @@ def write_archive(target: Path, files: dict[str, Path], metadata: dict, manifest
             with open(tmp, "wb") as raw:
                 with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                     for name in sorted(files):
-                        hashes[name] = _stream(z, name, files[name])
+                        hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
                     meta = dict(metadata, files=dict(sorted(hashes.items())))
                     for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
                         z.writestr(_info(name), data)
@@ -184,6 +252,8 @@ def _ends_with_directory(path: Path) -> bool:
 def verify(path: Path) -> list[str]:
     """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash."""
     faults: list[str] = []
+    if not path.is_file():
+        return ["no such file"]
     if not _ends_with_directory(path):
         # zipfile would happily find the directory of an .npz stored inside and call that the archive
         return ["truncated: the zip's end-of-central-directory record is not at the end of the file"]

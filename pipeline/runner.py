@@ -82,17 +82,18 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
         exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
+        known = package.known_hashes(loaded, exported)
         checked = _timed(
             report,
             "parity",
-            lambda: parity.run(spec, loaded, workdir, meta, dev),
+            lambda: parity.run(spec, loaded, workdir, meta, dev, release=True),
             lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
         )
         report.parity = checked.record()
         packed = _timed(
             report,
             "package",
-            lambda: package.run(spec, store, workdir, sources, exported, meta, checked),
+            lambda: package.run(spec, store, workdir, sources, exported, meta, checked, known),
             lambda p: f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries)",
         )
         report.archive = str(packed.archive)

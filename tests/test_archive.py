@@ -214,3 +214,39 @@ def test_inspect(fixture: str, request) -> None:
     assert info["tensors"]["module.fc.weight"] == {"shape": [2, 4], "dtype": "float32"}
     text = marpipe("inspect", str(project.root / "n.pth")).stdout
     assert "module.fc.weight" in text and "parameters   10" in text
+
+
+def test_plain_checkpoint_is_archived_as_it_is_and_a_prefixed_one_normalised(project: Project) -> None:
+    state = project.model("Linear").state_dict()
+    project.save(state, "plain.pth")
+    project.save({f"module.{k}": v for k, v in state.items()}, "ddp.pth")
+    assert project.build(project.spec(name="plain", checkpoint={"path": "plain.pth"})).returncode == 0
+    assert project.build(project.spec(name="ddp", checkpoint={"path": "ddp.pth"})).returncode == 0
+    assert _entries(project.store / "plain.mar")["weights.pt"] == (project.root / "plain.pth").read_bytes()
+    ddp = torch.load(io.BytesIO(_entries(project.store / "ddp.mar")["weights.pt"]), weights_only=True)
+    assert sorted(ddp) == ["fc.bias", "fc.weight"]
+    assert verify(project.store / "plain.mar") == [] and verify(project.store / "ddp.mar") == []
+
+
+def test_known_digest_copy_falls_back_without_copy_file_range(tmp_path: Path, monkeypatch) -> None:
+    import zlib
+
+    from pipeline import archive
+
+    data = os.urandom(3 * archive.CHUNK + 5)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    st = src.stat()
+    known = archive.Known(hashlib.sha256(data).hexdigest(), zlib.crc32(data), (st.st_size, st.st_mtime_ns))
+
+    def refuse(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    archive.write_archive(tmp_path / "a.mar", {"w.bin": src}, {}, archive.manifest("a", "1", "w.bin", "w.bin"), {"w.bin": known})
+    assert _entries(tmp_path / "a.mar")["w.bin"] == data
+    assert [f for f in verify(tmp_path / "a.mar") if "MANIFEST" not in f] == []  # CRC and hash right
+    os.utime(src, ns=(1, 1))
+    with pytest.raises(Exception, match="changed while the build was running"):
+        archive.write_archive(tmp_path / "b.mar", {"w.bin": src}, {}, b"{}", {"w.bin": known})
+    assert not (tmp_path / "b.mar").exists()

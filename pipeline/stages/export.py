@@ -61,9 +61,13 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
     path = workdir / ARTIFACTS[fmt]
     args = tuple(example.values())
     if fmt == "eager":
-        # The normalised state_dict (prefixes stripped, casts applied) is what the handler loads.
+        if loaded.verbatim:
+            # The checkpoint loads as it is: link it, and packaging streams it once (its sha256 is known).
+            path.symlink_to(loaded.checkpoint.path)
+            return Exported(fmt, [path], names, "state_dict (the checkpoint file as it is)")
+        # Otherwise the normalised state_dict (prefixes stripped, casts applied) is what the handler loads.
         torch.save(loaded.model.state_dict(), path)
-        return Exported(fmt, [path], names, "state_dict")
+        return Exported(fmt, [path], names, "state_dict (normalised)")
     if fmt == "torchscript":
         return Exported(fmt, [path], names, _torchscript(spec, loaded.model, args, path))
     return Exported(fmt, _onnx(spec, loaded.model, example, names, path), names, f"onnx ({spec.export.onnx_exporter})")

@@ -18,6 +18,28 @@ class Loaded:
     skipped: list[str] = field(default_factory=list)  # keys left out by strict: false
     cast: list[str] = field(default_factory=list)  # keys whose dtype was changed
 
+    @property
+    def verbatim(self) -> bool:
+        """The checkpoint file loads as it is: the handler can read it directly, no re-save needed."""
+        ck = self.checkpoint
+        return (
+            ck.format == "torch-zip"
+            and not ck.nested_key
+            and not ck.stripped
+            and not ck.renamed
+            and not ck.ignored_extras
+            and not self.skipped
+            and not self.cast
+        )
+
+    def release(self) -> None:
+        """Drop the model and tensors (unmapping the checkpoint) once no later stage needs them."""
+        import gc
+
+        self.model = None
+        self.checkpoint.state_dict = {}
+        gc.collect()
+
     def summary(self) -> dict[str, Any]:
         ck = self.checkpoint
         return {
@@ -103,7 +125,7 @@ def _check_values(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], sd: 
         if tensor.dtype != dtype:
             sd[key] = tensor.to(dtype)
             cast.append(key)
-        if sd[key].dtype.is_floating_point and not cfg.allow_nonfinite and not bool(torch.isfinite(sd[key]).all()):
+        if sd[key].dtype.is_floating_point and not cfg.allow_nonfinite and not _all_finite(sd[key]):
             nonfinite.append(key)
     if wrong_kind:
         raise CheckpointError(
@@ -116,6 +138,14 @@ def _check_values(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], sd: 
             "the training run diverged? set checkpoint.allow_nonfinite: true to package anyway"
         )
     return cast
+
+
+def _all_finite(tensor: Any, step: int = 1 << 22) -> bool:
+    """isfinite in slices: a whole-tensor check would allocate a bool tensor as large as the weights."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 def _has_non_persistent_buffers(model: Any, expected: dict[str, Any]) -> bool:

@@ -93,6 +93,15 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
     }
 
 
+def known_hashes(loaded: Loaded, exported: Exported) -> dict[str, archive.Known]:
+    """Entries already hashed by the load stage (the checkpoint used as it is): packaging need not read them."""
+    artifact = exported.files[0]
+    ck = loaded.checkpoint
+    if artifact.is_symlink() and artifact.resolve() == ck.path.resolve():
+        return {artifact.name: archive.Known(ck.sha256, ck.crc32, ck.stat)}
+    return {}
+
+
 def model_config(spec: Spec) -> str:
     s = spec.serve
     return (
@@ -102,7 +111,14 @@ def model_config(spec: Spec) -> str:
 
 
 def run(
-    spec: Spec, store: Path, workdir: Path, sources: dict[str, Path], exported: Exported, meta: dict[str, Any], parity: ParityResult
+    spec: Spec,
+    store: Path,
+    workdir: Path,
+    sources: dict[str, Path],
+    exported: Exported,
+    meta: dict[str, Any],
+    parity: ParityResult,
+    known: dict[str, archive.Known] | None = None,
 ) -> Packaged:
     files = dict(sources)
     files.update({p.name: p for p in exported.files})
@@ -115,5 +131,5 @@ def run(
     meta = dict(meta, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     target = store / f"{spec.name}.mar"
-    entries = archive.write_archive(target, files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
+    entries = archive.write_archive(target, files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler), known)
     return Packaged(target, target.stat().st_size, entries)

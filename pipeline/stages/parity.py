@@ -74,7 +74,9 @@ def resolve_device(spec: Spec, override: str | None) -> str:
     return want
 
 
-def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device: str) -> ParityResult:
+def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device: str, release: bool = False) -> ParityResult:
+    """Eager references first; with `release` the eager model is then dropped before the artifact is loaded,
+    so a large model is never held twice."""
     import torch
 
     from handlers.marpipe_handler import load_runner, name_outputs
@@ -83,6 +85,19 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     torch.backends.cudnn.allow_tf32 = False
     names = [o["name"] for o in meta["outputs"]]
     model = loaded.model.to(device)
+    shapes = inputs.shapes(spec)
+    cases = []
+    for s, dims in enumerate(shapes):
+        for k in range(spec.parity.samples):
+            tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
+            with torch.inference_mode():
+                expected = name_outputs(model(*(t.to(device) for t in tensors.values())), names)
+            cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
+    del model
+    if release:
+        loaded.release()
+    else:
+        loaded.model.to("cpu")
     try:
         runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
     except Exception as exc:
@@ -90,28 +105,21 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             f"{spec.name}: the {spec.export.format} artifact does not load as the handler loads it: {type(exc).__name__}: {exc}"
         ) from None
     records = {n: OutputRecord(*spec.tolerance(n)) for n in names}
-    shapes = inputs.shapes(spec)
     ref_in: dict[str, np.ndarray] = {}
     ref_out: dict[str, np.ndarray] = {}
-    for s, dims in enumerate(shapes):
-        for k in range(spec.parity.samples):
-            tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
-            with torch.inference_mode():
-                expected = name_outputs(model(*(t.to(device) for t in tensors.values())), names)
-            arrays = {n: t.numpy() for n, t in tensors.items()}
-            label = _label(dims)
-            try:
-                got = runner(arrays)
-            except Exception as exc:
-                for rec in records.values():
-                    rec.failures.append(f"{label}: the {spec.export.format} model raised {type(exc).__name__}: {_short(exc)}")
-                continue
-            for n in names:
-                _compare(records[n], expected[n], got.get(n), label)
-            if not ref_in or (len(next(iter(ref_in.values()))) < 2 <= dims["batch"]):
-                ref_in, ref_out = arrays, expected
-    loaded.model.to("cpu")
-    _print(spec, records, len(shapes) * spec.parity.samples)
+    for label, dims, arrays, expected in cases:
+        try:
+            got = runner(arrays)
+        except Exception as exc:
+            for rec in records.values():
+                rec.failures.append(f"{label}: the {spec.export.format} model raised {type(exc).__name__}: {_short(exc)}")
+            continue
+        for n in names:
+            _compare(records[n], expected[n], got.get(n), label)
+        if not ref_in or (len(next(iter(ref_in.values()))) < 2 <= dims["batch"]):
+            ref_in, ref_out = arrays, expected
+    del runner
+    _print(spec, records, len(cases))
     failed = [
         f"{n}: {r.failures[0]}" + (f" (+{len(r.failures) - 1} more)" if len(r.failures) > 1 else "")
         for n, r in records.items()
