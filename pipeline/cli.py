@@ -58,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default="model_store", type=Path)
     s.add_argument("--timeout", type=float, default=300, help="seconds to wait for workers to be READY")
 
+    n = sub.add_parser("bench", help="in-process latency of eager, TorchScript and ONNX for a spec, with parity")
+    n.add_argument("spec", metavar="SPEC")
+    n.add_argument("--format", type=_formats, help="formats to compare (default: all)")
+    n.add_argument("--iterations", type=int, default=50, help="timed runs per batch size (default 50)")
+    n.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the spec's parity.device")
+    n.add_argument("--json", type=Path, help="also write the figures as JSON")
+
     r = sub.add_parser("serve", help="run TorchServe on the store with a safe-by-default configuration")
     r.add_argument("--store", default="model_store", type=Path)
     r.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
@@ -164,10 +171,29 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return smoke(args.store, args.names, args.timeout)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench
+    from pipeline.spec import load_spec
+    from pipeline.stages.parity import resolve_device
+
+    spec = load_spec(args.spec)
+    rows = bench(spec, args.format, max(1, args.iterations), resolve_device(spec, args.device))
+    if args.json:
+        _write_json(args.json, {"spec": str(args.spec), "rows": rows})
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.server import serve_forever
 
     return serve_forever(args)
 
 
-COMMANDS = {"build": cmd_build, "inspect": cmd_inspect, "verify": cmd_verify, "smoke": cmd_smoke, "serve": cmd_serve}
+COMMANDS = {
+    "build": cmd_build,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "smoke": cmd_smoke,
+    "serve": cmd_serve,
+    "bench": cmd_bench,
+}

@@ -1,0 +1,363 @@
+"""`make bench`: packaging, cold start and served throughput, each against a baseline measured in the same run.
+
+Prints tables and writes benchmarks/out/bench.json. Not a test: these machines are shared and noisy, so every
+figure is a median of several runs and every target is a ratio to a baseline timed minutes apart.
+
+  python benchmarks/bench.py [--size-gb 1] [--runs 3] [--requests 400] [--concurrency 8] [--only pack,cold,serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+STACK = """import torch
+from torch import nn
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: int = 16, width: int = 4096) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+"""
+WIDTH = 4096
+
+
+def run(cmd: list[str], **kwargs) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command, from the kernel's own accounting (wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed: {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    return wall, usage.ru_maxrss * 1024
+
+
+def median_of(runs: int, fn) -> dict:
+    samples = [fn() for _ in range(runs)]
+    walls = [s[0] for s in samples]
+    return {"wall_s": statistics.median(walls), "runs": walls, "peak_rss": max(s[1] for s in samples)}
+
+
+def make_checkpoint(folder: Path, size_gb: float) -> Path:
+    import torch
+
+    layers = max(1, round(size_gb * 2**30 / (WIDTH * WIDTH * 4)))
+    (folder / "stack.py").write_text(STACK)
+    (folder / "stack.yaml").write_text(
+        f"name: stack\narchitecture: {{file: stack.py, class: Stack, kwargs: {{layers: {layers}, width: {WIDTH}}}}}\n"
+        "checkpoint: {path: stack.pth}\ninputs: [{name: x, shape: [batch, %d]}]\n"
+        "parity: {batch_sizes: [1, 2], samples: 1, atol: 1.0e-4, rtol: 1.0e-3}\n" % WIDTH
+    )
+    ckpt = folder / "stack.pth"
+    if not ckpt.exists() or abs(ckpt.stat().st_size - layers * WIDTH * (WIDTH + 1) * 4) > 2**20:
+        gen = torch.Generator().manual_seed(0)
+        state = {}
+        for i in range(layers):
+            state[f"layers.{i}.weight"] = torch.randn(WIDTH, WIDTH, generator=gen) * 0.01
+            state[f"layers.{i}.bias"] = torch.zeros(WIDTH)
+        torch.save(state, ckpt)
+    return ckpt
+
+
+def bench_packaging(out: Path, size_gb: float, runs: int) -> dict:
+    folder = out / "pack"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(folder, size_gb)
+    size = ckpt.stat().st_size
+    subprocess.run(["cat", str(ckpt)], stdout=subprocess.DEVNULL, check=True)  # every figure below reads from page cache
+    store, copy, tma_out = folder / "store", folder / "copy.pth", folder / "tma"
+    results = {"checkpoint_bytes": size}
+    results["import_torch"] = median_of(runs, lambda: run([sys.executable, "-c", "import torch"]))
+    results["sha256sum"] = median_of(runs, lambda: run(["sha256sum", str(ckpt)]))
+    results["cp"] = median_of(runs, lambda: (run(["cp", str(ckpt), str(copy)]), copy.unlink())[0])
+
+    def build():
+        shutil.rmtree(store, ignore_errors=True)
+        return run([str(BIN / "marpipe"), "build", "--store", str(store), str(folder / "stack.yaml")], cwd=folder)
+
+    results["marpipe_build"] = median_of(runs, build)
+    # torch-model-archiver on the same files: our archive's entries, its weights as the serialized file
+    files = folder / "files"
+    shutil.rmtree(files, ignore_errors=True)
+    with zipfile.ZipFile(store / "stack.mar") as z:
+        for name in z.namelist():
+            if name != "weights.pt" and not name.startswith("MAR-INF"):
+                z.extract(name, files)
+    extra = ",".join(str(files / n) for n in ("marpipe.json", "parity_inputs.npz", "parity_outputs.npz", "stack.py"))
+
+    def tma(fmt: str):
+        shutil.rmtree(tma_out, ignore_errors=True)
+        tma_out.mkdir()
+        cmd = [
+            str(BIN / "torch-model-archiver"),
+            "--model-name",
+            "stack",
+            "--version",
+            "1.0",
+            "--serialized-file",
+            str(ckpt),
+            "--handler",
+            str(files / "marpipe_handler.py"),
+            "--extra-files",
+            extra,
+            "--config-file",
+            str(files / "model-config.yaml"),
+            "--export-path",
+            str(tma_out),
+            "-f",
+        ]
+        return run(cmd + (["--archive-format", fmt] if fmt != "default" else []))
+
+    results["tma_zip_store"] = median_of(runs, lambda: tma("zip-store"))
+    results["tma_default"] = median_of(runs, lambda: tma("default"))
+    shutil.copy(tma_out / "stack.mar", folder / "stack_tma_default.mar")
+    build_s = results["marpipe_build"]["wall_s"]
+    results["ratios"] = {
+        "tma_default_over_build": results["tma_default"]["wall_s"] / build_s,
+        "tma_zip_store_over_build": results["tma_zip_store"]["wall_s"] / build_s,
+        "build_over_sha256sum": build_s / results["sha256sum"]["wall_s"],
+        "build_over_cp": build_s / results["cp"]["wall_s"],
+        "peak_rss_over_checkpoint_plus_torch": results["marpipe_build"]["peak_rss"] / (size + results["import_torch"]["peak_rss"]),
+    }
+    return results
+
+
+def bench_cold_start(out: Path, runs: int) -> dict:
+    from pipeline import server as ts
+
+    folder = out / "pack"
+    ours, theirs = folder / "store" / "stack.mar", folder / "stack_tma_default.mar"
+    if not ours.exists() or not theirs.exists():
+        raise SystemExit("cold start needs the packaging archives: run without --only, or with --only pack,cold")
+    results = {}
+    for label, archive in (("marpipe", ours), ("tma_default", theirs)):
+        store = out / f"cold_{label}"
+        shutil.rmtree(store, ignore_errors=True)
+        store.mkdir()
+        os.link(archive, store / "stack.mar")
+        walls = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            with ts.running(store, auth=False) as srv:
+                status = ts.wait_ready(srv, 600)
+                walls.append(time.perf_counter() - start)
+                if status["stack"] != "READY":
+                    raise SystemExit(f"{label}: not READY: {status}\n{srv.log_tail()}")
+        results[label] = {"wall_s": statistics.median(walls), "runs": walls}
+    results["ratio_tma_over_marpipe"] = results["tma_default"]["wall_s"] / results["marpipe"]["wall_s"]
+    return results
+
+
+def _load(host: str, port: int, path: str, body: bytes, headers: dict, total: int, concurrency: int) -> dict:
+    """A bounded closed-loop load: `concurrency` clients with kept-alive connections, `total` requests in all."""
+    latencies: list[float] = []
+    errors: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    break
+            start = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            resp = conn.getresponse()
+            resp.read()
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                if resp.status != 200:
+                    errors.append(resp.status)
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.array(sorted(latencies)) * 1000
+    return {
+        "requests": total,
+        "errors": len(errors),
+        "rps": total / wall,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str, ...], int]]:
+    """(label, spec, one request's input shape, formats, request count scale) for the serving benchmark."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "models"))
+    from bench_models import Identity, ImageCNN
+
+    folder = out / "serve_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "benchmarks" / "models" / "bench_models.py", folder / "bench_models.py")
+    torch.manual_seed(0)
+    for cls, name, shape in ((ImageCNN, "imagecnn", (3, 224, 224)), (Identity, "identity", (3, 32, 32))):
+        torch.save(cls().state_dict(), folder / f"{name}.pth")
+        (folder / f"{name}.yaml").write_text(
+            f"name: {name}\narchitecture: {{file: bench_models.py, class: {cls.__name__}}}\ncheckpoint: {{path: {name}.pth}}\n"
+            f"inputs: [{{name: image, shape: [batch, {', '.join(map(str, shape))}]}}]\n"
+            "parity: {batch_sizes: [1, 8], samples: 1, atol: 1.0e-4, rtol: 1.0e-3}\n"
+            "serve: {batch_size: 8, max_batch_delay_ms: 10}\n"
+        )
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_checkpoints.py")], check=True, stdout=subprocess.DEVNULL)
+    return [
+        ("cnn", ROOT / "examples" / "cnn.yaml", (3, 32, 32), ("eager", "torchscript", "onnx"), 1),
+        ("imagecnn", folder / "imagecnn.yaml", (3, 224, 224), ("eager", "torchscript", "onnx"), 0.4),
+        ("identity", folder / "identity.yaml", (3, 32, 32), ("eager",), 1),
+    ]
+
+
+def _ceiling(archive: Path, folder: Path, image: np.ndarray) -> float:
+    """Rows per second of the in-process batched forward at batch 8, run as the handler runs it."""
+    import torch
+
+    from handlers.marpipe_handler import load_runner
+    from pipeline.bench import measure
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(folder)
+    meta = json.loads((folder / "marpipe.json").read_text())
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    runner = load_runner(str(folder), meta, "cpu", None, threads)
+    batch = {"image": np.repeat(image, 8, axis=0)}
+    iterations = max(5, int(2000 / max(1.0, measure(runner, batch, 3, warmup=1)["median_ms"])))
+    return 8 * 1000 / measure(runner, batch, min(iterations, 200), warmup=3)["median_ms"]
+
+
+def bench_serving(out: Path, total: int, concurrency: int) -> dict:
+    from pipeline import server as ts
+
+    results: dict = {"concurrency": concurrency, "models": {}}
+    for label, spec, shape, formats, scale in _bench_specs(out):
+        store = out / f"serve_{label}"
+        shutil.rmtree(store, ignore_errors=True)
+        run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", ",".join(formats), str(spec)])
+        image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+        buf = io.BytesIO()
+        np.savez(buf, image=image)
+        bodies = {
+            "json": (json.dumps({"inputs": {"image": image.tolist()}}).encode(), {"Content-Type": "application/json"}),
+            "npz": (buf.getvalue(), {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}),
+        }
+        count = max(40, int(total * scale))
+        model_rows: dict = {"requests": count}
+        for fmt in formats:
+            name = f"{label}_{fmt}" if len(formats) > 1 else label
+            archive = store / f"{name}.mar"
+            row: dict = {"ceiling_rows_per_s": _ceiling(archive, out / f"ceiling_{name}", image)}
+            with ts.running(store, [archive], auth=False) as srv:
+                if ts.wait_ready(srv, 300)[name] != "READY":
+                    raise SystemExit(f"{name} not READY\n{srv.log_tail()}")
+                for kind, (body, headers) in bodies.items():
+                    path = f"/predictions/{name}"
+                    _load(srv.host, srv.ports["inference"], path, body, headers, min(40, count), concurrency)  # warm-up
+                    row[kind] = _load(srv.host, srv.ports["inference"], path, body, headers, count, concurrency)
+                    row[kind]["of_ceiling"] = row[kind]["rps"] / row["ceiling_rows_per_s"]
+            model_rows[fmt] = row
+        results["models"][label] = model_rows
+    for rows in results["models"].values():
+        best = max(((f, k, r[k]["of_ceiling"]) for f, r in rows.items() if f != "requests" for k in ("json", "npz")), key=lambda x: x[2])
+        rows["best"] = {"format": best[0], "body": best[1], "of_ceiling": best[2]}
+    return results
+
+
+def report(results: dict) -> None:
+    gib = 2**30
+    if "pack" in results:
+        p = results["pack"]
+        runs = len(p["sha256sum"]["runs"])
+        print(f"\nPackaging a {p['checkpoint_bytes'] / gib:.2f} GiB float32 checkpoint (median of {runs} runs, page cache warm)")
+        for key in ("marpipe_build", "tma_default", "tma_zip_store", "sha256sum", "cp", "import_torch"):
+            r = p[key]
+            print(f"  {key:<16} {r['wall_s']:8.2f} s   peak RSS {r['peak_rss'] / 2**20:8.0f} MiB")
+        r = p["ratios"]
+        print(f"  tma default / marpipe build   {r['tma_default_over_build']:6.1f}x   (target >= 10x)")
+        print(f"  marpipe build / sha256sum     {r['build_over_sha256sum']:6.2f}x   (target <= 1.5x)")
+        print(f"  peak RSS / (ckpt + torch)     {r['peak_rss_over_checkpoint_plus_torch']:6.2f}x   (target <= 1.3x)")
+    if "cold" in results:
+        c = results["cold"]
+        print("\nCold start: torchserve start to worker READY (median)")
+        print(f"  marpipe archive      {c['marpipe']['wall_s']:6.2f} s")
+        print(f"  tma default archive  {c['tma_default']['wall_s']:6.2f} s")
+        print(f"  ratio                {c['ratio_tma_over_marpipe']:6.2f}x   (target >= 3x)")
+    if "serve" in results:
+        s = results["serve"]
+        print(f"\nServed throughput: TorchServe batch_size 8, one row per request, concurrency {s['concurrency']}")
+        print(f"  {'model':<10} {'format':<12} {'body':<5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ceiling/s':>10} {'of ceiling':>10}")
+        for label, rows in s["models"].items():
+            for fmt, row in rows.items():
+                if fmt in ("requests", "best"):
+                    continue
+                for kind in ("json", "npz"):
+                    r = row[kind]
+                    print(
+                        f"  {label:<10} {fmt:<12} {kind:<5} {r['rps']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+                        f"{row['ceiling_rows_per_s']:10.0f} {100 * r['of_ceiling']:9.1f}%"
+                    )
+        for label, rows in s["models"].items():
+            b = rows["best"]
+            print(
+                f"  best for {label}: {b['format']} / {b['body']} at {100 * b['of_ceiling']:.1f}% of its in-process ceiling (target >= 60%)"
+            )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--only", default="pack,cold,serve", help="comma list of pack, cold, serve")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(","))
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    if "pack" in only:
+        results["pack"] = bench_packaging(args.out, args.size_gb, args.runs)
+    if "cold" in only:
+        results["cold"] = bench_cold_start(args.out, args.runs)
+    if "serve" in only:
+        results["serve"] = bench_serving(args.out, args.requests, args.concurrency)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(results)
+    print(f"\nfigures written to {args.out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

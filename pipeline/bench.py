@@ -1,0 +1,81 @@
+"""`marpipe bench SPEC`: in-process latency of each format at the spec's batch sizes, with its parity result.
+
+Each format goes through the real stages (load, export, parity) into a scratch folder, then the artifact is
+run exactly as the handler runs it. Nothing is written to a model store.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline import inputs
+from pipeline.errors import PipelineError
+from pipeline.spec import FORMATS, Spec
+
+
+def measure(runner: Any, arrays: dict[str, Any], iterations: int, warmup: int = 3) -> dict[str, float]:
+    """Median and p90 latency in ms of `runner(arrays)`."""
+    for _ in range(warmup):
+        runner(arrays)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        runner(arrays)
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))]}
+
+
+def bench_format(spec: Spec, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:
+    from handlers.marpipe_handler import load_runner
+    from pipeline.stages import export, load, package, parity
+
+    spec = replace(spec, export=replace(spec.export, format=fmt))
+    workdir = Path(tempfile.mkdtemp(prefix="marpipe-bench-"))
+    row: dict[str, Any] = {"format": fmt}
+    try:
+        loaded = load.run(spec)
+        exported = export.run(spec, loaded, workdir)
+        package.stage_sources(spec, workdir)
+        meta = package.metadata(spec, loaded, exported)
+        try:
+            checked = parity.run(spec, loaded, workdir, meta, device)
+            row["parity"] = "pass"
+            row["max_abs"] = max(r.max_abs for r in checked.outputs.values())
+        except PipelineError as exc:
+            row["parity"] = f"FAIL ({exc.exit_code})"
+            row["max_abs"] = None
+        import torch
+
+        runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
+        sizes = {d: v[0] for d, v in spec.dims.items()}
+        for b in batch_sizes:
+            arrays = {k: v.numpy() for k, v in inputs.make(spec, {"batch": b, **sizes}, inputs.SEED).items()}
+            row[f"batch {b}"] = measure(runner, arrays, iterations)
+    except PipelineError as exc:
+        row["parity"] = f"export failed ({exc.exit_code}): {exc}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return row
+
+
+def bench(spec: Spec, formats: list[str] | None, iterations: int, device: str) -> list[dict[str, Any]]:
+    rows = [bench_format(spec, f, spec.parity.batch_sizes, iterations, device) for f in formats or FORMATS]
+    sizes = spec.parity.batch_sizes
+    print(f"\n{spec.name}: in-process latency on {device}, median / p90 of {iterations} runs (ms)")
+    print(f"{'format':<12} {'parity':<10} {'max abs':>9}  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))
+    for r in rows:
+        err = "-" if r.get("max_abs") is None else f"{r['max_abs']:.2g}"
+        cells = [_cell(r.get(f"batch {b}")) for b in sizes]
+        print(f"{r['format']:<12} {r['parity'][:10]:<10} {err:>9}  " + "  ".join(cells))
+    return rows
+
+
+def _cell(figures: dict[str, float] | None) -> str:
+    return f"{figures['median_ms']:6.2f} / {figures['p90_ms']:6.2f}" if figures else f"{'-':>15}"
