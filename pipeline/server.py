@@ -195,22 +195,26 @@ def wait_ready(server: Server, timeout: float) -> dict[str, str]:
             if status[name] == "READY" or status[name].startswith("load failed"):
                 continue
             status[name] = _model_status(server, name)
-            if status[name] != "READY" and len(failures.get(name, [])) >= 2:
-                # TorchServe retries a failing worker forever; two identical failures are enough to know
-                status[name] = f"load failed: {failures[name][-1][:300]}"
+            if status[name] != "READY" and name in failures:
+                # TorchServe retries a failing worker forever, with growing pauses: one death at load is enough
+                status[name] = f"load failed: {failures[name][:300]}"
         if all(s == "READY" or s.startswith("load failed") for s in status.values()):
             return status
         time.sleep(0.5)
     return status
 
 
-def _load_failures(server: Server) -> dict[str, list[str]]:
-    """model name → the exceptions its workers logged while loading."""
+def _load_failures(server: Server) -> dict[str, str]:
+    """model name → why its worker died while loading (the worker's own last error line)."""
     log = server.workdir / "logs" / "model_log.log"
-    found: dict[str, list[str]] = {}
-    if log.exists():
-        for m in re.finditer(r"Failed to load model (\S+?), exception (.*)", log.read_text(errors="replace")):
-            found.setdefault(m.group(1), []).append(m.group(2).strip())
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found: dict[str, str] = {}
+    for name in server.models:
+        worker = rf"W-\d+-{re.escape(name)}_\S*-stdout MODEL_LOG - "
+        if re.search(worker + r"Backend worker process died", text):
+            errors = re.findall(worker + r"((?:\w+\.)*\w*(?:Error|Exception)\b.*)", text)
+            errors = [e for e in errors if not re.match(r"\w+: \d{3} - ", e)]  # TorchServe's own wrapper
+            found[name] = errors[-1].strip() if errors else "the worker died while loading the model"
     return found
 
 

@@ -258,3 +258,64 @@ def _rewrite(src: Path, dst: Path, entry: str, change) -> None:
         for info in z.infolist():
             data = z.read(info.filename)
             out.writestr(info.filename, change(data) if info.filename == entry else data)
+
+
+def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None:
+    """`marpipe serve` as an operator runs it: tokens on, key file announced, unauthenticated calls refused."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    one = tmp_path / "store"
+    one.mkdir()
+    (one / "simplenet_eager.mar").write_bytes((store / "simplenet_eager.mar").read_bytes())
+    port = ts.free_ports(1)[0]
+    workdir = tmp_path / "serve"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--store", str(one), "--port", str(port), "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "serving; Ctrl-C stops" in line or not line:
+                break
+        text = "".join(lines)
+        assert "READY" in text and f"keys in {workdir / 'key_file.json'}" in text, text
+        config = (workdir / "config.properties").read_text()
+        for setting in (
+            "inference_address=http://127.0.0.1:",
+            "grpc_inference_address=127.0.0.1",
+            "disable_token_authorization=false",
+            "enable_model_api=false",
+            "install_py_dep_per_model=false",
+            "load_models=simplenet_eager.mar",
+        ):
+            assert setting in config
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predictions/simplenet_eager",
+            data=b"[[0,0,0,0,0,0,0,0,0,0]]",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("an unauthenticated request was answered")
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (400, 401, 403)
+        key = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
+        req.add_header("Authorization", f"Bearer {key}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
