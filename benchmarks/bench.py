@@ -121,7 +121,7 @@ def bench_packaging(out: Path, size_gb: float, runs: int) -> dict:
             "--version",
             "1.0",
             "--serialized-file",
-            str(ckpt),
+            str(weights),
             "--handler",
             str(files / "marpipe_handler.py"),
             "--extra-files",

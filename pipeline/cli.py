@@ -116,7 +116,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             reports.append(build(job, args.store, args.device).as_dict())
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            reports.append(getattr(exc, "report", None) or _failed(job, exc))
+            report = getattr(exc, "report", None)
+            reports.append(report.as_dict() if report else _failed(job, exc))
             first_error = first_error or exc
             if args.fail_fast:
                 break

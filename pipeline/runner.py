@@ -99,6 +99,7 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
         report.archive = str(packed.archive)
     except PipelineError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
+        exc.report = report  # the CLI's --report keeps each stage's status of a failed build too
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

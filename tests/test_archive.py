@@ -250,3 +250,18 @@ def test_known_digest_copy_falls_back_without_copy_file_range(tmp_path: Path, mo
     with pytest.raises(Exception, match="changed while the build was running"):
         archive.write_archive(tmp_path / "b.mar", {"w.bin": src}, {}, b"{}", {"w.bin": known})
     assert not (tmp_path / "b.mar").exists()
+
+
+def test_user_handler_is_packaged_beside_ours(linear_project: Project) -> None:
+    handler = linear_project.root / "my_handler.py"
+    handler.write_text("from marpipe_handler import handle as _handle\n\n\ndef handle(data, context):\n    return _handle(data, context)\n")
+    helper = linear_project.root / "labels.txt"
+    helper.write_text("cat\ndog\n")
+    spec = linear_project.spec(serve={"handler": "my_handler.py", "extra_files": ["labels.txt"]})
+    assert linear_project.build(spec).returncode == 0
+    entries = _entries(linear_project.store / "tiny.mar")
+    assert json.loads(entries["MAR-INF/MANIFEST.json"])["model"]["handler"] == "my_handler.py"
+    assert {"my_handler.py", "marpipe_handler.py", "labels.txt"} <= set(entries)
+    clash = linear_project.spec(name="clash", serve={"extra_files": ["models/tiny.py"]})
+    result = linear_project.build(clash)
+    assert result.returncode == 2 and "serve.extra_files[0]: 'tiny.py' clashes with another archive entry" in result.stderr

@@ -34,6 +34,16 @@ def test_trace_of_shape_branch_is_caught_by_parity(branch_project: Project) -> N
     assert store_state(branch_project.store) == before
 
 
+def test_report_records_the_failed_stage(branch_project: Project) -> None:
+    report = branch_project.root / "report.json"
+    spec = branch_project.spec(name="branch", cls="ShapeBranch", export={"format": "torchscript"})
+    assert branch_project.build("--report", str(report), spec).returncode == 5
+    build = json.loads(report.read_text())["builds"][0]
+    assert build["status"] == "failed" and build["exit_code"] == 5 and "parity failed" in build["error"]
+    stages = [(s["name"], s["status"]) for s in build["stages"]]
+    assert stages == [("load", "ok"), ("export", "ok"), ("parity", "failed"), ("package", "skipped")]
+
+
 def test_onnx_of_shape_branch_is_caught(branch_project: Project) -> None:
     before = store_state(branch_project.store)
     result = branch_project.build(branch_project.spec(name="branch", cls="ShapeBranch", export={"format": "onnx"}))
@@ -88,6 +98,15 @@ def test_two_inputs_two_outputs_and_dict_outputs(project: Project, fmt: str) -> 
         {"batch": 4, "steps": 5},
     ]
     assert set(_meta(project.store / "dictout.mar")["parity"]["outputs"]) == {"embedding", "score"}
+
+
+def test_export_failure_is_exit_4_with_one_line(project: Project) -> None:
+    project.save(project.model("Unscriptable").state_dict(), "tiny.pth")
+    result = project.build(project.spec(cls="Unscriptable", export={"format": "torchscript", "torchscript": {"method": "script"}}))
+    assert result.returncode == 4, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tiny: torchscript script failed:")
+    assert not project.store.exists() or not list(project.store.glob("*.mar"))
 
 
 def test_script_method(project: Project) -> None:

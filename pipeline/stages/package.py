@@ -12,12 +12,13 @@ import pipeline
 from pipeline import archive
 from pipeline.errors import SpecError
 from pipeline.spec import Spec
-from pipeline.stages.export import Exported
+from pipeline.stages.export import ARTIFACTS, Exported
 from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
 RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name}
+RESERVED |= {*ARTIFACTS.values(), "model.onnx.data"}
 
 
 @dataclass
@@ -49,7 +50,7 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
         if extra.name in files or extra.name in RESERVED:
             raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
         files[extra.name] = extra
-    if spec.architecture.file.name in RESERVED - {HANDLER.name} or spec.architecture.file.name == HANDLER.name:
+    if spec.architecture.file.name in RESERVED:
         raise SpecError(
             f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file"
         )

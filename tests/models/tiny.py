@@ -78,3 +78,14 @@ class WithBuffer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x) * self.scale
+
+
+class Unscriptable(nn.Module):
+    """Python that torch.jit.script rejects (a generator expression); trace and eager are fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(self.fc(x) * k for k in (1.0, 2.0))
