@@ -13,6 +13,7 @@ import re
 import struct
 import zipfile
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,6 @@ def scan(path: Path, fmt: str) -> tuple[str, int]:
 
     The CRCs run on a second thread, overlapped with the hash (both release the GIL).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         extents = _zip_extents(path) if fmt == "torch-zip" else []
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
@@ -179,11 +178,32 @@ def scan(path: Path, fmt: str) -> tuple[str, int]:
     return digest.hexdigest(), crcs[-1]
 
 
+_prescans: dict[tuple[str, int, int], Future] = {}
+_prescanner: ThreadPoolExecutor | None = None
+
+
+def prescan(path: Path) -> None:
+    """Start hashing a checkpoint on a background thread, e.g. while torch is being imported.
+
+    The work is the same as `scan` in `read_checkpoint`, which picks the result up; it just starts sooner.
+    A file that cannot even be detected is left for `read_checkpoint` to report.
+    """
+    global _prescanner
+    try:
+        st = path.stat()
+        fmt = detect_format(path)
+    except (CheckpointError, OSError):
+        return
+    _prescanner = _prescanner or ThreadPoolExecutor(1, thread_name_prefix="marpipe-prescan")
+    _prescans[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = _prescanner.submit(scan, path, fmt)
+
+
 def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckpoint:
     """Detect, hash and safely load a checkpoint; return its tensors, unwrapped from nesting."""
     fmt = detect_format(path)
     st = path.stat()
-    digest, crc = scan(path, fmt)
+    pending = _prescans.pop((str(path.resolve()), st.st_size, st.st_mtime_ns), None)
+    digest, crc = pending.result() if pending else scan(path, fmt)
     if expected_sha256 and digest != expected_sha256:
         raise CheckpointError(
             f"checkpoint {path}: sha256 is {digest}, the spec pins {expected_sha256} (checkpoint.sha256); "

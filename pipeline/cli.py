@@ -107,6 +107,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise SpecError(f"two builds would write the same archive: {', '.join(dup)}.mar; give the specs different names")
+    from pipeline.checkpoint import prescan
+
+    for job in {j.checkpoint.path: j for j in jobs}:
+        prescan(job)  # hashing overlaps the import of torch below
     from pipeline.runner import build
 
     reports: list[dict[str, Any]] = []
