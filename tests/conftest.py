@@ -67,6 +67,22 @@ class Project:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
+    def multi_io_specs(self) -> tuple[Path, Path]:
+        """Specs (and checkpoints) of a two-input, two-output tuple model and of a dict-output model."""
+        self.save(self.model("TwoInTwoOut").state_dict(), "two.pth")
+        self.save(self.model("DictOut").state_dict(), "dict.pth")
+        two = self.spec(
+            name="two",
+            cls="TwoInTwoOut",
+            checkpoint={"path": "two.pth"},
+            inputs=[{"name": "x", "shape": ["batch", 4]}, {"name": "seq", "shape": ["batch", "steps", 4]}],
+            dims={"steps": [2, 5]},
+            outputs=[{"name": "joint"}, {"name": "per_step"}],
+        )
+        names = [{"name": "embedding"}, {"name": "score"}]
+        dict_out = self.spec(name="dictout", cls="DictOut", checkpoint={"path": "dict.pth"}, outputs=names)
+        return two, dict_out
+
     def build(self, *specs: Path | str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """`marpipe build --store <store> [options] SPEC...`: options may come among the specs as strings."""
         return marpipe("build", "--store", str(self.store), *map(str, specs), env=env)

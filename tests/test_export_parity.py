@@ -74,19 +74,7 @@ def test_per_output_tolerance_overrides(project: Project) -> None:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_two_inputs_two_outputs_and_dict_outputs(project: Project, fmt: str) -> None:
-    project.save(project.model("TwoInTwoOut").state_dict(), "two.pth")
-    project.save(project.model("DictOut").state_dict(), "dict.pth")
-    two = project.spec(
-        name="two",
-        cls="TwoInTwoOut",
-        checkpoint={"path": "two.pth"},
-        inputs=[{"name": "x", "shape": ["batch", 4]}, {"name": "seq", "shape": ["batch", "steps", 4]}],
-        dims={"steps": [2, 5]},
-        outputs=[{"name": "joint"}, {"name": "per_step"}],
-    )
-    dict_out = project.spec(
-        name="dictout", cls="DictOut", checkpoint={"path": "dict.pth"}, outputs=[{"name": "embedding"}, {"name": "score"}]
-    )
+    two, dict_out = project.multi_io_specs()
     result = project.build("--format", fmt, two, dict_out)
     assert result.returncode == 0, result.stdout + result.stderr
     meta = _meta(project.store / "two.mar")

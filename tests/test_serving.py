@@ -37,18 +37,8 @@ def store(tmp_path_factory) -> Path:
     project = Project(tmp_path_factory.mktemp("serving"))
     result = project.build("--format", "all", *sorted(EXAMPLES.glob("*.yaml")))
     assert result.returncode == 0, result.stdout + result.stderr
-    project.save(project.model("TwoInTwoOut").state_dict(), "two.pth")
-    project.save(project.model("DictOut").state_dict(), "dict.pth")
     project.save(project.model("Linear").state_dict(), "tiny.pth")
-    two = project.spec(
-        name="two",
-        cls="TwoInTwoOut",
-        checkpoint={"path": "two.pth"},
-        inputs=[{"name": "x", "shape": ["batch", 4]}, {"name": "seq", "shape": ["batch", "steps", 4]}],
-        dims={"steps": [2, 5]},
-        outputs=[{"name": "joint"}, {"name": "per_step"}],
-    )
-    dict_out = project.spec(name="dictout", cls="DictOut", checkpoint={"path": "dict.pth"})
+    two, dict_out = project.multi_io_specs()
     batched = project.spec(name="batched", serve={"batch_size": 8, "max_batch_delay_ms": 300, "max_rows": 16})
     result = project.build("--format", "all", two, dict_out)
     assert result.returncode == 0, result.stdout + result.stderr
