@@ -109,8 +109,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise SpecError(f"two builds would write the same archive: {', '.join(dup)}.mar; give the specs different names")
     from pipeline.checkpoint import prescan
 
-    for job in {j.checkpoint.path: j for j in jobs}:
-        prescan(job)  # hashing overlaps the import of torch below
+    for path in dict.fromkeys(j.checkpoint.path for j in jobs):
+        prescan(path)  # hashing overlaps the import of torch below
     from pipeline.runner import build
 
     reports: list[dict[str, Any]] = []
@@ -152,7 +152,7 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import describe, render
+    from pipeline.describe import describe, render
 
     info = describe(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else render(info))
