@@ -22,8 +22,6 @@ from typing import Any
 
 from pipeline.errors import PackageError
 
-LOG_CONFIG = Path(__file__).resolve().parent / "data" / "log4j2.xml"
-
 
 @dataclass
 class Server:
@@ -135,7 +133,6 @@ def start(
     auth: bool = True,
     model_api: bool = False,
     workdir: Path | None = None,
-    quiet_logs: bool = True,
 ) -> Server:
     """Start TorchServe in its own process group with its own config, logs and temp folder."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
@@ -166,8 +163,6 @@ def start(
     )
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     cmd = [_torchserve(), "--start", "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
-    if quiet_logs:
-        cmd += ["--log-config", str(LOG_CONFIG)]
     if not auth:
         cmd.append("--disable-token-auth")
     if model_api:
