@@ -118,8 +118,10 @@ def test_verify_finds_every_fault(linear_project: Project, tmp_path: Path) -> No
 
 
 def _big_project(project: Project) -> Path:
-    """A Linear big enough (~64 MB of weights) that a build spends a while in each stage."""
-    project.save(project.model("Linear", n_in=4096, n_out=4096).state_dict(), "big.pth")
+    """A Linear of 4096x4096 (64 MB) saved from DataParallel: the `module.` prefix makes the build re-save and
+    stream the weights, so the package stage lasts long enough to be killed in."""
+    state = project.model("Linear", n_in=4096, n_out=4096).state_dict()
+    project.save({f"module.{k}": v for k, v in state.items()}, "big.pth")
     return project.spec(
         name="big",
         checkpoint={"path": "big.pth"},
@@ -129,28 +131,44 @@ def _big_project(project: Project) -> Path:
     )
 
 
+def _stage_seconds(output: str, stage: str) -> float:
+    line = next(ln for ln in output.splitlines() if ln.split()[1:3] == [stage, "ok"])
+    return float(line.split()[3].rstrip("s"))
+
+
 def test_kill_9_never_leaves_a_partial_archive(project: Project) -> None:
+    """Builds killed at random moments, most of them inside the package stage (while the archive is written)."""
     spec = _big_project(project)
-    assert project.build(spec).returncode == 0
+    first = project.build(spec)
+    assert first.returncode == 0, first.stderr
+    window = _stage_seconds(first.stdout, "package")
     previous = (project.store / "big.mar").read_bytes()
     rng = random.Random(7)
-    trials, results = 8, []
+    trials, left_temp = 10, 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for _ in range(trials):
+    for trial in range(trials):
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "build", "--store", str(project.store), str(spec)],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
+            text=True,
         )
-        time.sleep(rng.uniform(1.5, 4.5))
+        if trial < 2:  # anywhere in the build
+            time.sleep(rng.uniform(0.5, 3.0))
+        else:  # once parity has passed, somewhere in the package stage
+            for line in proc.stdout:
+                if line.split()[1:3] == ["parity", "ok"]:
+                    break
+            time.sleep(rng.uniform(0, window))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        mars = sorted(p.name for p in project.store.glob("*.mar"))
-        assert mars == ["big.mar"]
+        proc.stdout.close()
+        assert sorted(p.name for p in project.store.glob("*.mar")) == ["big.mar"]
         assert (project.store / "big.mar").read_bytes() == previous  # reproducible, so a finished rebuild is identical
-        results.append(any(p.name.endswith(".tmp") for p in project.store.iterdir()))
+        left_temp += any(p.name.endswith(".tmp") for p in project.store.iterdir())
+    assert left_temp > 0  # the kills did land while an archive was being written
     assert project.build(spec).returncode == 0
     assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
     assert verify(project.store / "big.mar") == []
@@ -158,7 +176,7 @@ def test_kill_9_never_leaves_a_partial_archive(project: Project) -> None:
 
     staging = [p for p in Path(tempfile.gettempdir()).glob("marpipe-*-big-*") if p.is_dir()]
     assert staging == []  # killed builds' private staging folders are cleaned too
-    print(f"kill -9 trials: {trials}, left a temp file: {sum(results)}, partial archives: 0")
+    print(f"kill -9 trials: {trials}, killed while writing the archive: {left_temp}, partial or changed archives: 0")
 
 
 def test_leftovers_of_dead_builds_are_cleaned(tmp_path: Path) -> None:
