@@ -65,13 +65,54 @@ def _import_architecture(model_dir: str, arch: dict) -> Any:
     return getattr(module, arch["class"])
 
 
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def read_safetensors(path: str) -> dict[str, Any]:
+    """A safetensors file as mmap-backed tensors (no copy; the safetensors package is not on the server)."""
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        # a private (copy-on-write) mapping: writable for torch.frombuffer, never written back
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size > 8 + size else b""
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = torch_dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start) if count else torch.empty(0, dtype=dtype)
+        state[name] = flat.reshape(info["shape"])
+    return state
+
+
 def load_eager(model_dir: str, meta: dict, device: str) -> Any:
     """Construct the architecture on the meta device and assign the mmap'd weights: one copy in memory."""
     import torch
 
     cls = _import_architecture(model_dir, meta["architecture"])
     kwargs = meta["architecture"]["kwargs"]
-    state = torch.load(os.path.join(model_dir, meta["artifact"]), map_location="cpu", weights_only=True, mmap=True)
+    path = os.path.join(model_dir, meta["artifact"])
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with torch.device("meta"):
         model = cls(**kwargs)
     if any(name not in state for name, _ in model.named_buffers()):

@@ -171,5 +171,38 @@ def test_handler_is_self_contained() -> None:
     source = Path(h.__file__).read_text()
     modules = {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
-    allowed = {"__future__", "importlib", "io", "json", "logging", "os", "sys", "typing", "numpy", "torch", "onnxruntime"}
+    allowed = {"__future__", "importlib", "io", "json", "logging", "mmap", "os", "sys", "typing", "numpy", "torch", "onnxruntime"}
     assert modules <= allowed, modules - allowed
+
+
+def test_safetensors_reader_matches_the_library(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = {
+        "f32": torch.randn(3, 4),
+        "bf16": torch.randn(5).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "b": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 3),
+        "u8": torch.arange(4, dtype=torch.uint8),
+    }
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    ours, theirs = h.read_safetensors(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "w.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
+
+
+def test_a_safetensors_checkpoint_is_served_as_it_is(project, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = project.model("Linear")
+    save_file(model.state_dict(), str(project.root / "w.safetensors"))
+    assert project.build(project.spec(checkpoint={"path": "w.safetensors"})).returncode == 0
+    folder = _extract(project.store / "tiny.mar", tmp_path / "x")
+    assert (folder / "weights.safetensors").read_bytes() == (project.root / "w.safetensors").read_bytes()
+    out = h.Service(FakeContext(folder)).handle([{"body": {"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]]}}}], FakeContext(folder))
+    with torch.no_grad():
+        expected = model(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist()
+    assert json.loads(out[0])["outputs"]["output"] == expected

@@ -62,9 +62,11 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
     args = tuple(example.values())
     if fmt == "eager":
         if loaded.verbatim:
-            # The checkpoint loads as it is: link it, and packaging streams it once (its sha256 is known).
+            # The checkpoint loads as it is: link it, and packaging copies it once (its sha256 is known).
+            if loaded.checkpoint.format == "safetensors":
+                path = workdir / "weights.safetensors"
             path.symlink_to(loaded.checkpoint.path)
-            return Exported(fmt, [path], names, "state_dict (the checkpoint file as it is)")
+            return Exported(fmt, [path], names, f"state_dict (the {loaded.checkpoint.format} file as it is)")
         # Otherwise the normalised state_dict (prefixes stripped, casts applied) is what the handler loads.
         torch.save(loaded.model.state_dict(), path)
         return Exported(fmt, [path], names, "state_dict (normalised)")

@@ -23,7 +23,7 @@ class Loaded:
         """The checkpoint file loads as it is: the handler can read it directly, no re-save needed."""
         ck = self.checkpoint
         return (
-            ck.format == "torch-zip"
+            ck.format in ("torch-zip", "safetensors")
             and not ck.nested_key
             and not ck.stripped
             and not ck.renamed

@@ -18,7 +18,7 @@ from pipeline.stages.parity import ParityResult
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
 RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name}
-RESERVED |= {*ARTIFACTS.values(), "model.onnx.data"}
+RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors"}
 
 
 @dataclass
