@@ -158,7 +158,6 @@ def write_archive(
     Returns the sha256 of every entry. A lock serialises builds of the same archive; the temporary file
     lives beside the target so the final rename is atomic, and a killed build's leftovers are removed.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target):
         clean_leftovers(target)
         tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
@@ -190,8 +189,13 @@ def write_archive(
 
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
-    lock = target.parent / f".{target.name}.lock"
-    with open(lock, "a") as f:
+    """An exclusive lock on `.<archive>.lock` beside the archive, creating the store folder if needed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f = open(target.parent / f".{target.name}.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise PackageError(f"model store {target.parent}: cannot write there ({exc.strerror or exc})") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

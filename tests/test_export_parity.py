@@ -145,3 +145,20 @@ def test_parity_on_gpu(project: Project, fmt: str) -> None:
     result = project.build("--device", "cuda", "--format", fmt, project.spec(parity={"atol": 1e-4, "rtol": 1e-3}))
     assert result.returncode == 0, result.stderr
     assert _meta(project.store / "tiny.mar")["parity"]["device"] == "cuda"
+
+
+def test_inputs_that_do_not_fit_the_model_are_a_spec_error(project: Project) -> None:
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    result = project.build(project.spec(inputs=[{"name": "x", "shape": ["batch", 5]}]))
+    assert result.returncode == 2, result.stderr
+    assert "inputs: the model fails on inputs as declared (x [4, 5] float32): RuntimeError" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_store_that_cannot_be_written_is_exit_6(project: Project) -> None:
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    project.store.parent.mkdir(parents=True, exist_ok=True)
+    project.store.write_text("a file, not a folder")
+    result = project.build(project.spec())
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.strip().startswith(f"error: model store {project.store}: cannot write there")

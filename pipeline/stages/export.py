@@ -24,12 +24,24 @@ class Exported:
     detail: str
 
 
+def run_eager(spec: Spec, model: Any, tensors: dict[str, Any]) -> Any:
+    """The eager forward pass on generated inputs; a failure means the declared inputs do not fit the model."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return model(*tensors.values())
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items())
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise SpecError(f"{spec.source}: inputs: the model fails on inputs as declared ({shapes}): {type(exc).__name__}: {first}") from None
+
+
 def output_names(spec: Spec, model: Any, example: dict[str, Any]) -> list[str]:
     """The spec's output names, or names derived from what the model returns; checked against it."""
     import torch
 
-    with torch.inference_mode():
-        out = model(*example.values())
+    out = run_eager(spec, model, example)
     if isinstance(out, torch.Tensor):
         derived = ["output"]
     elif isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):

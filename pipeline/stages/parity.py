@@ -16,6 +16,7 @@ import numpy as np
 from pipeline import inputs
 from pipeline.errors import ParityError, SpecError
 from pipeline.spec import Spec
+from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
 
 EPS = 1e-12
@@ -90,8 +91,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     for s, dims in enumerate(shapes):
         for k in range(spec.parity.samples):
             tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
-            with torch.inference_mode():
-                expected = name_outputs(model(*(t.to(device) for t in tensors.values())), names)
+            expected = name_outputs(run_eager(spec, model, {k: t.to(device) for k, t in tensors.items()}), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
     del model
     if release:
