@@ -23,36 +23,55 @@ from pipeline.spec import KeyRename
 
 ALWAYS_STRIP = ("module.", "_orig_mod.")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
-# Globals that only ever appear in a pickle to run code. Seeing one means the file is hostile.
+# Globals that only ever appear in a pickle to run code. Seeing one means the file is hostile. (Every other
+# unknown global is replaced by an inert stub anyway; this is about saying so plainly.)
 DANGEROUS_MODULES = (
     "os",
     "posix",
     "nt",
     "subprocess",
     "sys",
-    "builtins",
-    "__builtin__",
     "shutil",
     "socket",
     "importlib",
     "runpy",
     "pty",
     "code",
-    "codecs",
     "webbrowser",
     "ctypes",
     "pickle",
     "marshal",
     "types",
-    "operator",
-    "functools",
     "multiprocessing",
     "asyncio",
     "signal",
-    "tempfile",
-    "io",
     "platform",
 )
+DANGEROUS_BUILTINS = {
+    f"{m}.{n}"
+    for m in ("builtins", "__builtin__")
+    for n in (
+        "eval",
+        "exec",
+        "compile",
+        "open",
+        "__import__",
+        "getattr",
+        "setattr",
+        "delattr",
+        "globals",
+        "locals",
+        "vars",
+        "input",
+        "breakpoint",
+        "exit",
+        "quit",
+        "help",
+        "apply",
+        "execfile",
+        "file",
+    )
+}
 CHUNK = 8 << 20
 
 
@@ -238,7 +257,7 @@ def _load_torch(path: Path, extras: list[str]) -> Any:
     try:
         if unsafe:
             # Every global outside torch's allowlist becomes an inert stub: nothing in the file is called.
-            stubs = [(type(name, (_Stub,), {"_name": name}), name) for name in unsafe]
+            stubs = [(_stand_in(name), name) for name in unsafe]
             extras.extend(unsafe)
             with torch.serialization.safe_globals(stubs):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=_mmap_ok(path))
@@ -262,13 +281,13 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _refuse_unsafe(path: Path, names: list[str]) -> None:
-    dangerous = [n for n in names if n.split(".")[0] in DANGEROUS_MODULES]
+    dangerous = [n for n in names if n.split(".")[0] in DANGEROUS_MODULES or n in DANGEROUS_BUILTINS]
     if dangerous:
         raise CheckpointError(
             f"checkpoint {path}: refused: the pickle calls {', '.join(dangerous[:3])}, which a state_dict never needs "
             "(the file may be malicious); nothing from it was run"
         )
-    modules = [n for n in names if n.startswith("torch.nn.") or n.startswith("__main__.") or _is_module_class(n)]
+    modules = [n for n in names if n.startswith("torch.nn.") or n.startswith("__main__.")]
     if modules:
         raise CheckpointError(
             f"checkpoint {path}: this is a pickled model ({modules[0]}), not a state_dict; "
@@ -276,9 +295,16 @@ def _refuse_unsafe(path: Path, names: list[str]) -> None:
         )
 
 
-def _is_module_class(name: str) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return last[:1].isupper() and any(w in name.lower() for w in ("model", "net", "layer", "block"))
+def _plain_dict(*args: Any, **kwargs: Any) -> dict:
+    return {}
+
+
+def _stand_in(name: str) -> Any:
+    """An inert replacement for a global: dict subclasses become a plain dict (the unpickler then fills it,
+    and only fills exact dicts), anything else a `_Stub` class named after it."""
+    if name == "collections.defaultdict":
+        return _plain_dict
+    return type(name, (_Stub,), {"_name": name})
 
 
 class _Stub:
@@ -337,6 +363,12 @@ def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
             break
         key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:
+            pickled = next((k for k in NESTED_KEYS if isinstance(obj.get(k), _Stub)), None)
+            if pickled:
+                raise CheckpointError(
+                    f"checkpoint {path}: '{pickled}' holds a pickled model ({obj[pickled]._name}), not a state_dict; "
+                    "save model.state_dict() instead"
+                )
             break
         nested.append(key)
         obj = obj[key]

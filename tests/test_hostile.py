@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime
 import os
 import pickle
 import random
+import sys
 import zipfile
 from pathlib import Path
 
@@ -132,6 +135,9 @@ def test_lightning_extras_with_numpy_and_argparse_load_safely(corpus_project: Pr
     ckpt = {
         "state_dict": {f"model.{k}": v for k, v in _valid(project).items()},
         "hparams": argparse.Namespace(lr=0.1, layers=[1, 2]),
+        "counts": collections.defaultdict(list, a=[1]),
+        "window": slice(0, 10),
+        "when": datetime.datetime(2026, 11, 29),
         "best_score": np.float64(0.93),
         "history": np.arange(5),
         "epoch": 3,
@@ -150,3 +156,17 @@ def test_safetensors_named_pt_builds(corpus_project: Project) -> None:
     result = project.build(project.spec(name="st", checkpoint={"path": "st.pt"}), env=ENV)
     assert result.returncode == 0, result.stderr
     assert "safetensors" in result.stdout
+
+
+def test_a_pickled_custom_model_nested_under_model_is_named(corpus_project: Project) -> None:
+    """A custom class (no torch.nn globals of its own) pickled under 'model' in a trainer checkpoint."""
+    project = corpus_project
+    sys.path.insert(0, str(project.root / "models"))
+    try:
+        import tiny
+    finally:
+        sys.path.pop(0)
+    torch.save({"model": tiny.Plain(), "epoch": 1}, project.root / "nested_model.pth")
+    result = project.build(project.spec(name="good", checkpoint={"path": "nested_model.pth"}), env=ENV)
+    assert result.returncode == 3, result.stderr
+    assert "'model' holds a pickled model (tiny.Plain), not a state_dict" in result.stderr

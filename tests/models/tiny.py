@@ -89,3 +89,10 @@ class Unscriptable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(self.fc(x) * k for k in (1.0, 2.0))
+
+
+class Plain:
+    """Not an nn.Module: a custom object as a careless trainer might pickle under 'model'."""
+
+    def __init__(self) -> None:
+        self.weights = [1.0, 2.0]
