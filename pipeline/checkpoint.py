@@ -82,7 +82,6 @@ class RawCheckpoint:
     path: Path
     format: str  # torch-zip | torch-legacy | safetensors
     sha256: str
-    size: int
     state_dict: dict[str, Any]
     nested_key: str | None = None
     stripped: list[str] = field(default_factory=list)
@@ -90,6 +89,10 @@ class RawCheckpoint:
     ignored_extras: list[str] = field(default_factory=list)
     stat: tuple[int, int] = (0, 0)  # (size, mtime_ns) when it was hashed
     crc32: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.stat[0]
 
 
 def detect_format(path: Path) -> str:
@@ -229,9 +232,9 @@ def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckp
             "the file changed or the pin is stale"
         )
     extras: list[str] = []
-    obj = _load_safetensors(path) if fmt == "safetensors" else _load_torch(path, extras)
+    obj = _load_safetensors(path) if fmt == "safetensors" else _load_torch(path, extras, mmap=fmt == "torch-zip")
     sd, nested = _unwrap(path, obj)
-    return RawCheckpoint(path, fmt, digest, st.st_size, sd, nested, ignored_extras=extras, stat=(st.st_size, st.st_mtime_ns), crc32=crc)
+    return RawCheckpoint(path, fmt, digest, sd, nested, ignored_extras=extras, stat=(st.st_size, st.st_mtime_ns), crc32=crc)
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -248,7 +251,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: corrupt safetensors file ({first[:160]})") from None
 
 
-def _load_torch(path: Path, extras: list[str]) -> Any:
+def _load_torch(path: Path, extras: list[str], mmap: bool) -> Any:
     import torch
 
     unsafe = _unsafe_globals(path)
@@ -260,15 +263,10 @@ def _load_torch(path: Path, extras: list[str]) -> Any:
             stubs = [(_stand_in(name), name) for name in unsafe]
             extras.extend(unsafe)
             with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=_mmap_ok(path))
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_mmap_ok(path))
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many kinds here; all mean "this file is not loadable"
         raise CheckpointError(f"checkpoint {path}: {_explain_torch_error(exc)}") from None
-
-
-def _mmap_ok(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -289,10 +287,14 @@ def _refuse_unsafe(path: Path, names: list[str]) -> None:
         )
     modules = [n for n in names if n.startswith("torch.nn.") or n.startswith("__main__.")]
     if modules:
-        raise CheckpointError(
-            f"checkpoint {path}: this is a pickled model ({modules[0]}), not a state_dict; "
-            "save model.state_dict() instead (torch.save(model.state_dict(), path))"
-        )
+        raise _pickled_model(path, modules[0])
+
+
+def _pickled_model(path: Path, cls: str, under: str | None = None) -> CheckpointError:
+    where = f"'{under}' holds a pickled model" if under else "this is a pickled model"
+    return CheckpointError(
+        f"checkpoint {path}: {where} ({cls}), not a state_dict; save model.state_dict() instead (torch.save(model.state_dict(), path))"
+    )
 
 
 def _plain_dict(*args: Any, **kwargs: Any) -> dict:
@@ -351,10 +353,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
     """Find the state dict: the object itself, or nested under state_dict/model (Lightning, trainers)."""
     if isinstance(obj, _Stub):
-        raise CheckpointError(
-            f"checkpoint {path}: this is a pickled model ({obj._name}), not a state_dict; "
-            "save model.state_dict() instead (torch.save(model.state_dict(), path))"
-        )
+        raise _pickled_model(path, obj._name)
     nested: list[str] = []
     for _ in range(3):
         if _is_tensor_dict(obj):
@@ -365,10 +364,7 @@ def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
         if key is None:
             pickled = next((k for k in NESTED_KEYS if isinstance(obj.get(k), _Stub)), None)
             if pickled:
-                raise CheckpointError(
-                    f"checkpoint {path}: '{pickled}' holds a pickled model ({obj[pickled]._name}), not a state_dict; "
-                    "save model.state_dict() instead"
-                )
+                raise _pickled_model(path, obj[pickled]._name, under=pickled)
             break
         nested.append(key)
         obj = obj[key]

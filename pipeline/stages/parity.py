@@ -91,7 +91,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     for s, dims in enumerate(shapes):
         for k in range(spec.parity.samples):
             tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
-            expected = name_outputs(run_eager(spec, model, {k: t.to(device) for k, t in tensors.items()}), names)
+            expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
     del model
     if release:
