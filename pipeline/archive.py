@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -72,47 +73,54 @@ def _stream(z: zipfile.ZipFile, name: str, src: Path, known: Known | None = None
 
 
 def _copy_stored(z: zipfile.ZipFile, info: zipfile.ZipInfo, src: BinaryIO, crc: int) -> None:
-    """A stored entry whose CRC is known: header by zipfile, data by copy_file_range, directory by zipfile.
+    """A stored entry whose CRC is known: header by zipfile, data by the kernel, directory by zipfile.
 
     This reaches into zipfile's writer state (fp, start_dir, filelist): the same steps ZipFile.write takes,
     minus reading the data through Python, which costs seconds per GiB.
     """
-    size = info.file_size
-    info.compress_size, info.CRC = size, crc
-    zip64 = size > zipfile.ZIP64_LIMIT
+    info.compress_size, info.CRC = info.file_size, crc
     z.fp.seek(z.start_dir)
     info.header_offset = z.fp.tell()
-    z.fp.write(info.FileHeader(zip64))
+    z.fp.write(info.FileHeader(info.file_size > zipfile.ZIP64_LIMIT))
     z.fp.flush()
-    dst, offset = z.fp.fileno(), z.fp.tell()
-    copied = 0
-    while copied < size:
-        try:
-            n = os.copy_file_range(src.fileno(), dst, size - copied, copied, offset + copied)
-        except OSError:  # another file system, or an old kernel
-            z.fp.seek(offset + copied)
-            n = _copy_slow(src, z.fp, copied, size - copied)
-        if n == 0:
-            raise PackageError(f"{src.name} shrank while it was being archived; build again")
-        copied += n
-    z.fp.seek(offset + size)
+    offset = z.fp.tell()
+    _kernel_copy(src.fileno(), z.fp.fileno(), info.file_size, offset, src.name)
+    z.fp.seek(offset + info.file_size)
+    _register(z, info)
+
+
+def _register(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Tell zipfile's writer about an entry whose header and data are already in the file."""
     z.start_dir = z.fp.tell()
     z.filelist.append(info)
     z.NameToInfo[info.filename] = info
     z._didModify = True
 
 
-def _copy_slow(src: BinaryIO, dst: BinaryIO, start: int, count: int) -> int:
-    src.seek(start)
-    buf = bytearray(CHUNK)
-    done = 0
-    while done < count:
-        n = src.readinto(memoryview(buf)[: min(CHUNK, count - done)])
-        if not n:
-            break
-        dst.write(memoryview(buf)[:n])
-        done += n
-    return done
+def _kernel_copy(
+    src: int, dst: int, size: int, offset: int, label: str, stop: threading.Event | None = None, step: Callable[[], None] | None = None
+) -> None:
+    """Copy `size` bytes of `src` (from its start) to `dst` at `offset`: copy_file_range, or read/write where it is refused.
+
+    `stop` ends the copy early; `step` is called after each 64 MiB.
+    """
+    copied = 0
+    while copied < size:
+        if stop is not None and stop.is_set():
+            return
+        if step is not None and copied:
+            step()
+        count = min(size - copied, 64 << 20)
+        try:
+            n = os.copy_file_range(src, dst, count, copied, offset + copied)
+        except OSError:  # another file system, or an old kernel
+            data = os.pread(src, min(count, CHUNK), copied)
+            n = len(data)
+            if n:
+                n = os.pwrite(dst, data, offset + copied)
+        if n == 0:
+            raise PackageError(f"{label} shrank while it was being archived; build again")
+        copied += n
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -153,38 +161,162 @@ def write_archive(
     manifest_bytes: bytes,
     known: dict[str, Known] | None = None,
 ) -> dict[str, str]:
-    """Write `target` atomically: files (archive name → source) sorted, then marpipe.json, then the manifest.
+    """Write `target` atomically in one go (see `Draft.finish`)."""
+    with begin(target) as draft:
+        return draft.finish(files, metadata, manifest_bytes, known)
 
-    Returns the sha256 of every entry. A lock serialises builds of the same archive; the temporary file
-    lives beside the target so the final rename is atomic, and a killed build's leftovers are removed.
+
+@contextlib.contextmanager
+def begin(target: Path, ahead: tuple[str, Path, Known] | None = None) -> Iterator[Draft]:
+    """An archive in the making; leaving the block without `finish` removes every trace of it."""
+    draft = Draft(target)
+    try:
+        if ahead:
+            draft.copy_ahead(*ahead)
+        yield draft
+    finally:
+        draft.close()
+
+
+class Draft:
+    """An archive being written into a temporary file beside `target`, renamed into place by `finish`.
+
+    `copy_ahead` starts copying one large entry (a checkpoint whose digests the load stage computed) on a
+    background thread, so that the copy and its flush to disk overlap the parity stage. That entry's data
+    then comes first in the file; the central directory still lists the entries in the usual order. Errors
+    of the copy are raised by `finish`, as packaging errors.
     """
-    with _lock(target):
-        clean_leftovers(target)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
-        hashes: dict[str, str] = {}
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+        self.ahead: tuple[zipfile.ZipInfo, str] | None = None  # the entry copied ahead, and its sha256
+        self._thread: threading.Thread | None = None
+        self._error: PackageError | None = None
+        self._stop = threading.Event()
+        self._made_store = False
+        self._done = False
+
+    def copy_ahead(self, name: str, src: Path, known: Known) -> None:
+        self._thread = threading.Thread(target=self._copy, args=(name, src, known), name="marpipe-copy-ahead", daemon=True)
+        self._thread.start()
+
+    def _copy(self, name: str, src: Path, known: Known) -> None:
         try:
-            with open(tmp, "wb") as raw:
-                with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                    for name in sorted(files):
-                        hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
-                    meta = dict(metadata, files=dict(sorted(hashes.items())))
-                    for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
-                        z.writestr(_info(name), data)
-                        hashes[name] = hashlib.sha256(data).hexdigest()
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            try:
+                self.target.parent.mkdir(parents=True)
+                self._made_store = True
+            except FileExistsError:
+                pass
+            with open(src, "rb", buffering=0) as f, open(self.tmp, "wb", buffering=0) as out:
+                st = os.fstat(f.fileno())
+                if (st.st_size, st.st_mtime_ns) != known.stat:
+                    raise PackageError(f"{src.resolve()} changed while the build was running; build again")
+                info = _info(name)
+                info.file_size = info.compress_size = st.st_size
+                info.CRC, info.header_offset = known.crc32, 0
+                header = info.FileHeader(st.st_size > zipfile.ZIP64_LIMIT)
+                out.write(header)
+                writeback = _Writeback(out.fileno())
+                try:
+                    _kernel_copy(f.fileno(), out.fileno(), st.st_size, len(header), str(src), self._stop, writeback.poke)
+                finally:
+                    writeback.close()
+                if not self._stop.is_set():
+                    os.fdatasync(out.fileno())  # the bulk reaches the disk now, not in the final fsync
+                    self.ahead = (info, known.sha256)
+        except PackageError as exc:
+            self._error = exc
         except OSError as exc:
+            self._error = _write_error(self.target, exc)
+
+    def finish(
+        self, files: dict[str, Path], metadata: dict, manifest_bytes: bytes, known: dict[str, Known] | None = None
+    ) -> dict[str, str]:
+        """Write the entries (sorted by name, then marpipe.json, then the manifest) and rename into place.
+
+        Returns the sha256 of every entry. A lock serialises builds of the same archive; the temporary file
+        lives beside the target so the final rename is atomic, and killed builds' leftovers are removed.
+        """
+        if self._thread:
+            self._thread.join()
+            if self._error:
+                raise self._error
+        order = [*sorted(files), METADATA, MANIFEST]
+        hashes: dict[str, str] = {}
+        with _lock(self.target):
+            clean_leftovers(self.target, keep=self.tmp)
+            try:
+                with open(self.tmp, "r+b" if self.ahead else "wb") as raw:
+                    raw.seek(0, os.SEEK_END)
+                    with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                        if self.ahead:
+                            info, hashes[info.filename] = self.ahead
+                            if info.filename not in files:
+                                raise ValueError(f"{info.filename} was copied ahead but is not among the files")
+                            _register(z, info)
+                        for name in sorted(files):
+                            if name not in hashes:
+                                hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
+                        meta = dict(metadata, files=dict(sorted(hashes.items())))
+                        for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
+                            z.writestr(_info(name), data)
+                            hashes[name] = hashlib.sha256(data).hexdigest()
+                        z.filelist.sort(key=lambda i: order.index(i.filename))  # the directory in name order
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                os.chmod(self.tmp, 0o644)
+                os.replace(self.tmp, self.target)
+                self._done = True
+                _fsync_dir(self.target.parent)
+            except OSError as exc:
+                raise _write_error(self.target, exc) from None
+        return hashes
+
+    def close(self) -> None:
+        """Stop a copy still running; without a finished archive, remove the temporary file (and a store made for it)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if not self._done:
             with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise PackageError(f"writing {target}: {exc.strerror or exc}") from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-    return hashes
+                self.tmp.unlink()
+            if self._made_store:
+                with contextlib.suppress(OSError):
+                    self.target.parent.rmdir()  # only if empty
+
+
+class _Writeback:
+    """fdatasync on a thread of its own whenever poked, so the disk writes overlap the copy and the last
+    fdatasync finds little left (1 GiB here: copy then sync 0.8 s, overlapped 0.55 s)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.wake, self.closed = fd, threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name="marpipe-writeback", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.closed:
+                return
+            with contextlib.suppress(OSError):  # the final fdatasync reports a failure
+                os.fdatasync(self.fd)
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+        self.thread.join()
+
+
+def _write_error(target: Path, exc: OSError) -> PackageError:
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        return PackageError(f"model store {target.parent}: cannot write there ({exc.strerror or exc})")
+    return PackageError(f"writing {target}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
@@ -203,12 +335,12 @@ def _lock(target: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def clean_leftovers(target: Path) -> None:
+def clean_leftovers(target: Path, keep: Path | None = None) -> None:
     """Remove temporary archives of `target` left by builds that were killed (their pid is gone)."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
     for p in target.parent.iterdir():
         m = pattern.match(p.name)
-        if m and not alive(int(m.group(1))):
+        if m and p != keep and not alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import re
 import struct
 import zipfile
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import crc
 from pipeline.errors import CheckpointError
 from pipeline.spec import KeyRename
 
@@ -72,7 +75,7 @@ DANGEROUS_BUILTINS = {
         "file",
     )
 }
-CHUNK = 8 << 20
+CHUNK = 64 << 20  # bytes per hash or CRC call: long enough to run without the GIL
 
 
 @dataclass
@@ -160,9 +163,10 @@ def _zip_extents(path: Path) -> list[tuple[int, int, int, str]] | None:
 
 
 def scan(path: Path, fmt: str) -> tuple[str, int]:
-    """One read of the file: its sha256 and CRC32 and, for a torch zip, a check of every entry's CRC.
+    """One pass over the file: its sha256 and CRC32 and, for a torch zip, a check of every entry's CRC.
 
-    The CRCs run on a second thread, overlapped with the hash (both release the GIL).
+    The hash runs on this thread, the CRCs on a second one: the CRC of each entry's data and of the gaps
+    between them, which combine into the whole file's CRC (packaging puts it in the archive's entry header).
     """
     try:
         extents = _zip_extents(path) if fmt == "torch-zip" else []
@@ -174,30 +178,56 @@ def scan(path: Path, fmt: str) -> tuple[str, int]:
         if bad:
             raise CheckpointError(f"checkpoint {path}: corrupt torch zip: entry {bad} fails its CRC check (the file was damaged)")
         extents = []
-    crcs = [0] * (len(extents) + 1)  # one per entry, and the whole file's last (packaging reuses it)
+    size = path.stat().st_size
+    segments = _segments(extents, size)
+    if segments is None:
+        raise CheckpointError(f"checkpoint {path}: corrupt torch zip: its entries overlap or run past the end of the file")
+    crcs = [0] * len(segments)  # each entry's data and each gap between them, once: the file's CRC is their combination
 
-    def crc_chunk(view: memoryview, offset: int) -> None:
-        end = offset + len(view)
-        crcs[-1] = zlib.crc32(view, crcs[-1])
-        for i, (a, b, _, _) in enumerate(extents):
-            if b <= offset or a >= end:
-                continue
-            crcs[i] = zlib.crc32(view[max(a, offset) - offset : min(b, end) - offset], crcs[i])
+    def crc_all(view: memoryview) -> None:
+        for i, (a, b, _, _) in enumerate(segments):
+            for lo in range(a, b, CHUNK):
+                crcs[i] = zlib.crc32(view[lo : min(b, lo + CHUNK)], crcs[i])
 
+    # The file is mapped, not read: each thread then makes a few long calls that run without the GIL. Reading
+    # it in chunks needs the GIL between chunks, and while torch is being imported that doubled the scan.
     digest = hashlib.sha256()
-    buf = bytearray(CHUNK)  # one buffer, reused: a fresh 8 MiB object per read costs page faults
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
-        offset = 0
-        while n := f.readinto(buf):
-            view = memoryview(buf)[:n]
-            pending = pool.submit(crc_chunk, view, offset)
-            digest.update(view)
-            pending.result()
-            offset += n
-    for (_, _, want, name), got in zip(extents, crcs):
-        if got != want:
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise CheckpointError(f"checkpoint {path}: the file changed while it was read; try again")
+        if size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, ThreadPoolExecutor(1) as pool:
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+                with memoryview(mm) as view:
+                    pending = pool.submit(crc_all, view)
+                    for lo in range(0, size, CHUNK):
+                        digest.update(view[lo : lo + CHUNK])
+                    pending.result()
+    whole = 0
+    for (a, b, want, name), got in zip(segments, crcs):
+        if name is not None and got != want:
             raise CheckpointError(f"checkpoint {path}: corrupt torch zip: entry {name} fails its CRC check (the file was damaged)")
-    return digest.hexdigest(), crcs[-1]
+        whole = crc.combine(whole, got, b - a)
+    return digest.hexdigest(), whole
+
+
+def _segments(extents: list[tuple[int, int, int, str]], size: int) -> list[tuple[int, int, int, str | None]] | None:
+    """The file cut into entry data (with the CRC it should have) and the gaps between (name None), in order.
+
+    None when entries overlap or run past the end: no honest zip does that.
+    """
+    out: list[tuple[int, int, int, str | None]] = []
+    pos = 0
+    for a, b, want, name in extents:
+        if a < pos or b > size:
+            return None
+        if a > pos:
+            out.append((pos, a, 0, None))
+        out.append((a, b, want, name))
+        pos = b
+    if pos < size or not out:
+        out.append((pos, size, 0, None))
+    return out
 
 
 _prescans: dict[tuple[str, int, int], Future] = {}

@@ -93,6 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The console script: `main`, then a quick exit.
+
+    An interpreter that imported torch spends 0.4 to 0.8 s tearing its modules down at exit, for nothing: every
+    file we write is closed and fsynced and every temporary folder removed before `main` returns. So output is
+    flushed and the process ends without that teardown.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        code = code or 1
+    os._exit(code)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.spec import load_spec
 

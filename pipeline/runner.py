@@ -83,19 +83,20 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         known = package.known_hashes(loaded, exported)
-        checked = _timed(
-            report,
-            "parity",
-            lambda: parity.run(spec, loaded, workdir, meta, dev, release=True),
-            lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
-        )
-        report.parity = checked.record()
-        packed = _timed(
-            report,
-            "package",
-            lambda: package.run(spec, store, workdir, sources, exported, meta, checked, known),
-            lambda p: f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries)",
-        )
+        with package.begin(spec, store, exported, known) as draft:  # the weights are copied while parity runs
+            checked = _timed(
+                report,
+                "parity",
+                lambda: parity.run(spec, loaded, workdir, meta, dev, release=True),
+                lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
+            )
+            report.parity = checked.record()
+            packed = _timed(
+                report,
+                "package",
+                lambda: package.run(spec, draft, workdir, sources, exported, meta, checked, known),
+                _package_detail,
+            )
         report.archive = str(packed.archive)
     except PipelineError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
@@ -112,6 +113,11 @@ def clean_stale_workdirs() -> None:
         pid = path.name.split("-")[1]
         if path.is_dir() and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _package_detail(p: Any) -> str:
+    ahead = f", {p.copied_ahead} copied during parity" if p.copied_ahead else ""
+    return f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries{ahead})"
 
 
 def _load_detail(loaded: Any) -> str:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, Project, marpipe
+from conftest import ROOT, Project, marpipe, store_state
 
+from pipeline import archive, crc
 from pipeline.archive import clean_leftovers, verify
+from pipeline.errors import PackageError
 
 
 def _entries(archive: Path) -> dict[str, bytes]:
@@ -283,3 +285,87 @@ def test_user_handler_is_packaged_beside_ours(linear_project: Project) -> None:
     clash = linear_project.spec(name="clash", serve={"extra_files": ["models/tiny.py"]})
     result = linear_project.build(clash)
     assert result.returncode == 2 and "serve.extra_files[0]: 'tiny.py' clashes with another archive entry" in result.stderr
+
+
+def test_weights_are_copied_during_parity_and_a_parity_failure_meanwhile_leaves_nothing(project: Project) -> None:
+    """An eager build copies the checkpoint into the archive while parity runs: its data comes first in the
+    file, the directory stays in name order. A parity failure during the copy leaves the store as it was."""
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    result = project.build(project.spec())
+    assert result.returncode == 0 and "weights.pt copied during parity" in result.stdout, result.stdout + result.stderr
+    with zipfile.ZipFile(project.store / "tiny.mar") as z:
+        infos = z.infolist()
+    assert [i.filename for i in infos][-2:] == ["marpipe.json", "MAR-INF/MANIFEST.json"]
+    assert next(i for i in infos if i.filename == "weights.pt").header_offset == 0
+    assert _entries(project.store / "tiny.mar")["weights.pt"] == (project.root / "tiny.pth").read_bytes()
+    assert verify(project.store / "tiny.mar") == []
+
+    before = store_state(project.store)
+    project.save(project.model("Noisy").state_dict(), "noisy.pth")
+    noisy = project.spec(name="tiny", cls="Noisy", checkpoint={"path": "noisy.pth"})
+    result = project.build(noisy)
+    assert result.returncode == 5, result.stderr
+    assert store_state(project.store) == before  # no temporary file either
+    fresh = project.root / "new-store"
+    assert marpipe("build", "--store", str(fresh), str(noisy)).returncode == 5
+    assert not fresh.exists()  # a store folder made for a build that failed is removed again
+
+
+def test_copy_ahead_errors_surface_when_packaging_and_leave_nothing(tmp_path: Path) -> None:
+    import zlib
+
+    data = os.urandom(100_000)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    st = src.stat()
+    known = archive.Known(hashlib.sha256(data).hexdigest(), zlib.crc32(data), (st.st_size, st.st_mtime_ns))
+    manifest = archive.manifest("a", "1", "w.bin", "w.bin")
+
+    with archive.begin(tmp_path / "store" / "a.mar", ("w.bin", src, known)) as draft:
+        draft.finish({"w.bin": src}, {}, manifest)
+    assert _entries(tmp_path / "store" / "a.mar")["w.bin"] == data
+    assert [f for f in verify(tmp_path / "store" / "a.mar") if "MANIFEST" not in f] == []
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(PackageError, match="cannot write there"), archive.begin(blocked / "b.mar", ("w.bin", src, known)) as draft:
+        draft.finish({"w.bin": src}, {}, manifest)
+
+    os.utime(src, ns=(1, 1))
+    with pytest.raises(PackageError, match="changed while the build was running"):
+        with archive.begin(tmp_path / "other" / "c.mar", ("w.bin", src, known)) as draft:
+            draft.finish({"w.bin": src}, {}, manifest)
+    assert not (tmp_path / "other").exists()
+
+    with pytest.raises(RuntimeError), archive.begin(tmp_path / "store" / "d.mar", ("w.bin", src, known._replace(stat=(st.st_size, 1)))):
+        raise RuntimeError("parity failed")  # left without finishing: the copy stops, its file goes
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [".a.mar.lock", "a.mar"]
+
+
+def test_crc_of_parts_combines_into_the_crc_of_the_whole() -> None:
+    import zlib
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = rng.randbytes(rng.randint(0, 3000)), rng.randbytes(rng.choice([0, 1, 7, rng.randint(0, 70_000)]))
+        assert crc.combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_scan_gives_the_whole_files_sha256_and_crc_in_one_pass(project: Project) -> None:
+    import zlib
+
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import _segments, scan
+
+    state = {f"layer{i}.weight": torch.randn(64, 64) for i in range(5)}
+    paths = [(project.save(state, "zip.pth"), "torch-zip"), (project.root / "w.safetensors", "safetensors")]
+    save_file(state, paths[1][0])
+    torch.save(state, project.root / "legacy.pth", _use_new_zipfile_serialization=False)
+    paths.append((project.root / "legacy.pth", "torch-legacy"))
+    for path, fmt in paths:
+        data = path.read_bytes()
+        assert scan(path, fmt) == (hashlib.sha256(data).hexdigest(), zlib.crc32(data)), fmt
+    assert _segments([(10, 20, 0, "a"), (15, 30, 0, "b")], 40) is None  # overlapping entries: refused
+    assert _segments([(10, 50, 0, "a")], 40) is None  # past the end of the file
+    assert _segments([(10, 20, 7, "a")], 25) == [(0, 10, 0, None), (10, 20, 7, "a"), (20, 25, 0, None)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +28,21 @@ class Packaged:
     archive: Path
     size: int
     entries: dict[str, str]  # name → sha256
+    copied_ahead: str | None = None  # the entry copied into the archive while parity ran
 
 
 def versions() -> dict[str, str]:
     import torch
 
     out = {"marpipe": pipeline.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    for name in ("onnx", "onnxruntime", "numpy"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
+    # from the installed metadata: importing onnx and onnxruntime would cost 0.1 s
+    for name, dists in (("onnx", ("onnx",)), ("onnxruntime", ("onnxruntime-gpu", "onnxruntime")), ("numpy", ("numpy",))):
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 
@@ -103,6 +109,14 @@ def known_hashes(loaded: Loaded, exported: Exported) -> dict[str, archive.Known]
     return {}
 
 
+def begin(spec: Spec, store: Path, exported: Exported, known: dict[str, archive.Known]) -> AbstractContextManager[archive.Draft]:
+    """Start the archive before parity: an artifact whose digests are known (the checkpoint as it is) is
+    copied into it on a background thread meanwhile. Nothing is renamed into the store before `run`."""
+    artifact = exported.files[0]
+    ahead = (artifact.name, artifact, known[artifact.name]) if artifact.name in known else None
+    return archive.begin(store / f"{spec.name}.mar", ahead)
+
+
 def model_config(spec: Spec) -> str:
     s = spec.serve
     return (
@@ -113,7 +127,7 @@ def model_config(spec: Spec) -> str:
 
 def run(
     spec: Spec,
-    store: Path,
+    draft: archive.Draft,
     workdir: Path,
     sources: dict[str, Path],
     exported: Exported,
@@ -131,6 +145,6 @@ def run(
         files[name] = workdir / name
     meta = dict(meta, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
-    target = store / f"{spec.name}.mar"
-    entries = archive.write_archive(target, files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler), known)
-    return Packaged(target, target.stat().st_size, entries)
+    entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler), known)
+    ahead = draft.ahead[0].filename if draft.ahead else None
+    return Packaged(draft.target, draft.target.stat().st_size, entries, ahead)

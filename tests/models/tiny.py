@@ -96,3 +96,15 @@ class Plain:
 
     def __init__(self) -> None:
         self.weights = [1.0, 2.0]
+
+
+class Noisy(nn.Module):
+    """Adds fresh noise on every call: no artifact reproduces its outputs, not even its own weights (eager parity fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y + torch.rand_like(y)
