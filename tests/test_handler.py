@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -248,3 +249,27 @@ def test_npz_bodies_numpy_must_read_and_broken_ones() -> None:
     np.savez(buf, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(h.BadRequest, match="not a readable .npz"):
         h.parse_body(buf.getvalue(), h.NPZ)  # pickled objects are never loaded
+
+
+def test_a_small_model_is_served_with_one_thread_and_a_large_one_keeps_them(served, monkeypatch) -> None:
+    """A batch that takes a few ms gains nothing from intra-op threads, whose spinning takes CPU from TorchServe."""
+    _, folder = served
+    meta = json.loads((folder / "marpipe.json").read_text())
+    runner = h.load_runner(str(folder), meta, "cpu")
+    ms = h.batch_ms(runner, str(folder), meta, 8)
+    assert ms is not None and 0 < ms < h.SMALL_BATCH_MS
+    monkeypatch.setattr(h, "TIMED_BYTES", 0)  # as if the artifact were large: not timed, so threads stay
+    assert h.batch_ms(runner, str(folder), meta, 8) is None
+    monkeypatch.undo()
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: one thread either way")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("MARPIPE_THREADS", raising=False)
+        h.Service(FakeContext(folder))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("MARPIPE_THREADS", "2")  # an operator's choice is kept
+        h.Service(FakeContext(folder))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
