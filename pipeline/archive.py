@@ -208,7 +208,11 @@ class Draft:
                 self._made_store = True
             except FileExistsError:
                 pass
-            with open(src, "rb", buffering=0) as f, open(self.tmp, "wb", buffering=0) as out:
+            try:
+                f = open(src, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
+            except OSError as exc:
+                raise PackageError(f"{src}: cannot read it any more ({exc.strerror or exc}); build again") from None
+            with f, open(self.tmp, "wb", buffering=0) as out:
                 st = os.fstat(f.fileno())
                 if (st.st_size, st.st_mtime_ns) != known.stat:
                     raise PackageError(f"{src.resolve()} changed while the build was running; build again")
