@@ -198,7 +198,8 @@ def _load(host: str, port: int, path: str, body: bytes, headers: dict, total: in
     """A bounded closed-loop load: `concurrency` kept-alive connections, `total` requests in all.
 
     One asyncio thread sending prepared bytes and reading just the status and the body's length: it shares
-    the two cores with the server, and threads running http.client cost TorchServe a third of its throughput.
+    the two cores with the server, and threads running http.client cost TorchServe a quarter to a third of its
+    throughput.
     """
     import asyncio
 
