@@ -371,10 +371,13 @@ def encode(outputs: dict[str, np.ndarray], accept: str) -> tuple[bytes | str, st
 # the .npy header): most of this handler's time on a small model. The common case, stored (not compressed)
 # entries of plain numeric arrays, is read and written here directly; anything else goes to numpy.
 
+MAX_NPZ_ENTRIES = 256  # arrays in one request body: one per input, so more is a malformed (or hostile) body
 _LOCAL = struct.Struct("<4s5H3L2H")  # zip local file header
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # zip central directory entry
 _END = struct.Struct("<4s4H2LH")  # end of central directory
-_NPY_DICT = re.compile(r"\{'descr': *'([<>|=]?[biuf]\d{1,2})', *'fortran_order': *(True|False), *'shape': *\(([\d, ]*)\),? *\} *\n?")
+_NPY_DICT = re.compile(
+    r"\{'descr': *'([<>|=]?[biuf]\d{1,2})', *'fortran_order': *(True|False), *'shape': *\(((?:\d+, *)*(?:\d+,?)?)\),? *\} *\n?"
+)
 
 
 def read_npz(body: bytes) -> dict[str, np.ndarray]:
@@ -393,7 +396,9 @@ def _read_stored_npz(body: bytes) -> dict[str, np.ndarray] | None:
     _, disk, _, count, total, _, pos, _ = _END.unpack_from(body, end)
     if disk or count != total or pos == 0xFFFFFFFF:
         return None  # multi-disk or zip64: numpy's reader
-    arrays = {}
+    if count > MAX_NPZ_ENTRIES:
+        raise BadRequest(f"body is not a readable .npz ({count} entries; a request has one per input)")
+    arrays, spans, used = {}, [], 0
     for _ in range(count):
         if pos + _CENTRAL.size > len(body):
             return None
@@ -408,12 +413,19 @@ def _read_stored_npz(body: bytes) -> dict[str, np.ndarray] | None:
         data = memoryview(body)[start : start + csize]
         if len(data) != csize:
             return None
+        spans.append((start, start + csize))
+        used += csize
+        if used > len(body):  # entries sharing bytes, to be checked and read again and again
+            raise BadRequest("body is not a readable .npz (entries overlap)")
         if zlib.crc32(data) != crc:
             raise BadRequest(f"body is not a readable .npz (entry {name.decode(errors='replace')} fails its CRC check)")
         arr = _read_npy(body, start, csize)
         if arr is None:
             return None
-        arrays[name[:-4].decode("utf-8", errors="replace")] = arr
+        arrays[name[:-4].decode("utf-8" if flags & 0x800 else "cp437", errors="replace")] = arr
+    spans.sort()
+    if any(b > a for (_, b), (a, _) in zip(spans, spans[1:])):
+        raise BadRequest("body is not a readable .npz (entries overlap)")
     return arrays
 
 
@@ -450,10 +462,11 @@ def write_npz(arrays: dict[str, np.ndarray]) -> bytes:
         text += " " * (63 - (10 + len(text)) % 64) + "\n"  # numpy pads the header to a multiple of 64
         payload = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1") + arr.tobytes()
         fname = f"{name}.npy".encode()
+        flag = 0 if fname.isascii() else 0x800  # UTF-8 names say so, as zipfile does
         crc = zlib.crc32(payload)
-        central += _CENTRAL.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, len(payload), len(payload), len(fname), 0, 0, 0, 0, 0, len(out))
-        central += fname
-        out += _LOCAL.pack(b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, len(payload), len(payload), len(fname), 0) + fname + payload
+        size = len(payload)
+        central += _CENTRAL.pack(b"PK\x01\x02", 20, 20, flag, 0, 0, 0x21, crc, size, size, len(fname), 0, 0, 0, 0, 0, len(out)) + fname
+        out += _LOCAL.pack(b"PK\x03\x04", 20, 0, flag, 0, 0x21, crc, size, size, len(fname), 0) + fname + payload
     count = len(arrays)
     return bytes(out + central + _END.pack(b"PK\x05\x06", 0, 0, count, count, len(central), len(out), 0))
 
@@ -479,10 +492,16 @@ class Service:
         if device == "cpu" and threads > 1 and not os.environ.get("MARPIPE_THREADS"):
             ms = batch_ms(self.runner, model_dir, self.meta, int(serve.get("batch_size") or 1))
             if ms is not None and ms < SMALL_BATCH_MS:
-                threads, why = 1, f" (a batch takes {ms:.2f} ms: more threads would take CPU from TorchServe itself)"
+                many = (threads, self.runner)
                 torch.set_num_threads(1)
                 if self.meta["format"] == "onnx":
                     self.runner = load_runner(model_dir, self.meta, device, gpu_id, 1)
+                one = batch_ms(self.runner, model_dir, self.meta, int(serve.get("batch_size") or 1))
+                if one is not None and one < SMALL_BATCH_MS:  # on many cores one thread may be far slower: check
+                    threads, why = 1, f" (a batch takes {one:.2f} ms: more threads would take CPU from TorchServe itself)"
+                else:
+                    threads, self.runner = many
+                    torch.set_num_threads(threads)
         log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], self.meta["format"], device, threads, why)
 
     def handle(self, data: list, context: Any) -> list:

@@ -171,8 +171,7 @@ def begin(target: Path, ahead: tuple[str, Path, Known] | None = None) -> Iterato
     """An archive in the making; leaving the block without `finish` removes every trace of it."""
     draft = Draft(target)
     try:
-        if ahead:
-            draft.copy_ahead(*ahead)
+        draft.open(ahead)
         yield draft
     finally:
         draft.close()
@@ -181,33 +180,38 @@ def begin(target: Path, ahead: tuple[str, Path, Known] | None = None) -> Iterato
 class Draft:
     """An archive being written into a temporary file beside `target`, renamed into place by `finish`.
 
-    `copy_ahead` starts copying one large entry (a checkpoint whose digests the load stage computed) on a
-    background thread, so that the copy and its flush to disk overlap the parity stage. That entry's data
-    then comes first in the file; the central directory still lists the entries in the usual order. Errors
-    of the copy are raised by `finish`, as packaging errors.
+    The archive's lock is held from `open` to `close`: so no two builds of one archive ever write at once, and
+    any other temporary file of this archive found under the lock is a dead build's, whatever its pid says (a
+    pid tells nothing across containers sharing a store). `open` may start copying one large entry (a
+    checkpoint whose digests the load stage computed) on a background thread, so that the copy and its flush
+    to disk overlap the parity stage; that entry's data then comes first in the file, and the central
+    directory still lists the entries in the usual order. Errors of `open` and of the copy are raised by
+    `finish`, as packaging errors.
     """
 
     def __init__(self, target: Path) -> None:
         self.target = target
         self.tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
         self.ahead: tuple[zipfile.ZipInfo, str] | None = None  # the entry copied ahead, and its sha256
+        self._locked = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         self._error: PackageError | None = None
         self._stop = threading.Event()
-        self._made_store = False
         self._done = False
 
-    def copy_ahead(self, name: str, src: Path, known: Known) -> None:
-        self._thread = threading.Thread(target=self._copy, args=(name, src, known), name="marpipe-copy-ahead", daemon=True)
-        self._thread.start()
+    def open(self, ahead: tuple[str, Path, Known] | None = None) -> None:
+        try:
+            self._locked.enter_context(_lock(self.target))
+            clean_leftovers(self.target, keep=self.tmp)
+        except PackageError as exc:
+            self._error = exc
+            return
+        if ahead:
+            self._thread = threading.Thread(target=self._copy, args=ahead, name="marpipe-copy-ahead", daemon=True)
+            self._thread.start()
 
     def _copy(self, name: str, src: Path, known: Known) -> None:
         try:
-            try:
-                self.target.parent.mkdir(parents=True)
-                self._made_store = True
-            except FileExistsError:
-                pass
             try:
                 f = open(src, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
             except OSError as exc:
@@ -226,6 +230,9 @@ class Draft:
                     _kernel_copy(f.fileno(), out.fileno(), st.st_size, len(header), str(src), self._stop, writeback.poke)
                 finally:
                     writeback.close()
+                after = os.fstat(f.fileno())
+                if (after.st_size, after.st_mtime_ns) != known.stat:
+                    raise PackageError(f"{src.resolve()} changed while it was being archived; build again")
                 if not self._stop.is_set():
                     os.fdatasync(out.fileno())  # the bulk reaches the disk now, not in the final fsync
                     self.ahead = (info, known.sha256)
@@ -233,61 +240,58 @@ class Draft:
             self._error = exc
         except OSError as exc:
             self._error = _write_error(self.target, exc)
+        except Exception as exc:  # a bug: reported by finish, not by a thread's traceback
+            self._error = PackageError(f"writing {self.target}: {type(exc).__name__}: {exc}")
 
     def finish(
         self, files: dict[str, Path], metadata: dict, manifest_bytes: bytes, known: dict[str, Known] | None = None
     ) -> dict[str, str]:
-        """Write the entries (sorted by name, then marpipe.json, then the manifest) and rename into place.
+        """Write the entries (sorted by name, then marpipe.json, then the manifest), fsync, rename into place.
 
-        Returns the sha256 of every entry. A lock serialises builds of the same archive; the temporary file
-        lives beside the target so the final rename is atomic, and killed builds' leftovers are removed.
+        Returns the sha256 of every entry. The temporary file lives beside the target so the rename is atomic.
         """
         if self._thread:
             self._thread.join()
-            if self._error:
-                raise self._error
+        if self._error:
+            raise self._error
         order = [*sorted(files), METADATA, MANIFEST]
         hashes: dict[str, str] = {}
-        with _lock(self.target):
-            clean_leftovers(self.target, keep=self.tmp)
-            try:
-                with open(self.tmp, "r+b" if self.ahead else "wb") as raw:
-                    raw.seek(0, os.SEEK_END)
-                    with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                        if self.ahead:
-                            info, hashes[info.filename] = self.ahead
-                            if info.filename not in files:
-                                raise ValueError(f"{info.filename} was copied ahead but is not among the files")
-                            _register(z, info)
-                        for name in sorted(files):
-                            if name not in hashes:
-                                hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
-                        meta = dict(metadata, files=dict(sorted(hashes.items())))
-                        for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
-                            z.writestr(_info(name), data)
-                            hashes[name] = hashlib.sha256(data).hexdigest()
-                        z.filelist.sort(key=lambda i: order.index(i.filename))  # the directory in name order
-                    raw.flush()
-                    os.fsync(raw.fileno())
-                os.chmod(self.tmp, 0o644)
-                os.replace(self.tmp, self.target)
-                self._done = True
-                _fsync_dir(self.target.parent)
-            except OSError as exc:
-                raise _write_error(self.target, exc) from None
+        try:
+            with open(self.tmp, "r+b" if self.ahead else "wb") as raw:
+                raw.seek(0, os.SEEK_END)
+                with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                    if self.ahead:
+                        info, hashes[info.filename] = self.ahead
+                        if info.filename not in files:
+                            raise ValueError(f"{info.filename} was copied ahead but is not among the files")
+                        _register(z, info)
+                    for name in sorted(files):
+                        if name not in hashes:
+                            hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
+                    meta = dict(metadata, files=dict(sorted(hashes.items())))
+                    for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
+                        z.writestr(_info(name), data)
+                        hashes[name] = hashlib.sha256(data).hexdigest()
+                    z.filelist.sort(key=lambda i: order.index(i.filename))  # the directory in name order
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.target)
+            self._done = True
+            _fsync_dir(self.target.parent)
+        except OSError as exc:
+            raise _write_error(self.target, exc) from None
         return hashes
 
     def close(self) -> None:
-        """Stop a copy still running; without a finished archive, remove the temporary file (and a store made for it)."""
+        """Stop a copy still running; without a finished archive, remove the temporary file; release the lock."""
         self._stop.set()
         if self._thread:
             self._thread.join()
         if not self._done:
             with contextlib.suppress(OSError):
                 self.tmp.unlink()
-            if self._made_store:
-                with contextlib.suppress(OSError):
-                    self.target.parent.rmdir()  # only if empty
+        self._locked.close()
 
 
 class _Writeback:
@@ -340,11 +344,11 @@ def _lock(target: Path) -> Iterator[None]:
 
 
 def clean_leftovers(target: Path, keep: Path | None = None) -> None:
-    """Remove temporary archives of `target` left by builds that were killed (their pid is gone)."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
+    """Remove temporary files of `target` other than `keep`. Call it holding the archive's lock: every build
+    holds it while its temporary file exists, so any other one found then is a killed build's."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.\d+\.tmp$")
     for p in target.parent.iterdir():
-        m = pattern.match(p.name)
-        if m and p != keep and not alive(int(m.group(1))):
+        if pattern.match(p.name) and p != keep:
             with contextlib.suppress(OSError):
                 p.unlink()
 

@@ -76,6 +76,7 @@ DANGEROUS_BUILTINS = {
     )
 }
 CHUNK = 64 << 20  # bytes per hash or CRC call: long enough to run without the GIL
+COMBINE_FROM = 1 << 20  # segments at least this long are combined into the file's CRC, shorter ones re-read
 
 
 @dataclass
@@ -182,32 +183,43 @@ def scan(path: Path, fmt: str) -> tuple[str, int]:
     segments = _segments(extents, size)
     if segments is None:
         raise CheckpointError(f"checkpoint {path}: corrupt torch zip: its entries overlap or run past the end of the file")
-    crcs = [0] * len(segments)  # each entry's data and each gap between them, once: the file's CRC is their combination
+    crcs = [0] * len(segments)  # each entry's data and each gap between them, once
 
-    def crc_all(view: memoryview) -> None:
+    def crc_all(view: memoryview) -> int:
+        """Every segment's CRC, and from them the whole file's: combined for large segments (no second pass),
+        recomputed for small ones (cheaper than a combine, which is pure Python)."""
+        whole = 0
         for i, (a, b, _, _) in enumerate(segments):
             for lo in range(a, b, CHUNK):
                 crcs[i] = zlib.crc32(view[lo : min(b, lo + CHUNK)], crcs[i])
+            whole = zlib.crc32(view[a:b], whole) if b - a < COMBINE_FROM else crc.combine(whole, crcs[i], b - a)
+        return whole
 
     # The file is mapped, not read: each thread then makes a few long calls that run without the GIL. Reading
     # it in chunks needs the GIL between chunks, and while torch is being imported that doubled the scan.
     digest = hashlib.sha256()
+    whole = 0
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != size:
             raise CheckpointError(f"checkpoint {path}: the file changed while it was read; try again")
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, ThreadPoolExecutor(1) as pool:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except (OSError, ValueError):  # a file system that cannot map files: read it whole, more slowly
+            mm = None
+            data = f.read()
+            digest.update(data)
+            whole = crc_all(memoryview(data))
+        if mm is not None:
+            with mm, ThreadPoolExecutor(1) as pool:
                 mm.madvise(mmap.MADV_SEQUENTIAL)
                 with memoryview(mm) as view:
                     pending = pool.submit(crc_all, view)
                     for lo in range(0, size, CHUNK):
                         digest.update(view[lo : lo + CHUNK])
-                    pending.result()
-    whole = 0
-    for (a, b, want, name), got in zip(segments, crcs):
+                    whole = pending.result()
+    for (_, _, want, name), got in zip(segments, crcs):
         if name is not None and got != want:
             raise CheckpointError(f"checkpoint {path}: corrupt torch zip: entry {name} fails its CRC check (the file was damaged)")
-        whole = crc.combine(whole, got, b - a)
     return digest.hexdigest(), whole
 
 

@@ -273,3 +273,28 @@ def test_a_small_model_is_served_with_one_thread_and_a_large_one_keeps_them(serv
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_hostile_npz_bodies_are_refused_before_the_work() -> None:
+    """Central directory entries that all point at the same data would have every entry checked and read again."""
+    import struct
+
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((1000,), np.float32))
+    body = buf.getvalue()
+    end = body.rindex(b"PK\x05\x06")
+    _, _, _, count, _, cd_size, cd_pos, _ = struct.unpack_from("<4s4H2LH", body, end)
+    entry = body[cd_pos : cd_pos + cd_size]
+
+    def copies(n: int) -> bytes:
+        return body[:cd_pos] + entry * n + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, cd_size * n, cd_pos, 0)
+
+    with pytest.raises(h.BadRequest, match="entries overlap"):
+        h.parse_body(copies(50), h.NPZ)
+    with pytest.raises(h.BadRequest, match="entries"):
+        h.parse_body(copies(h.MAX_NPZ_ENTRIES + 1), h.NPZ)
+    named = h.write_npz({"größe": np.ones(2)})  # a non-ASCII name says it is UTF-8, as zipfile does
+    with np.load(io.BytesIO(named)) as z:
+        assert z.files == ["größe"]
+    assert list(h.read_npz(named)) == ["größe"]
+    assert h._NPY_DICT.fullmatch("{'descr': '<f4', 'fortran_order': False, 'shape': (1 2,), }") is None  # numpy refuses it too
