@@ -200,13 +200,8 @@ def test_leftovers_of_dead_builds_are_cleaned(tmp_path: Path) -> None:
 def test_two_builds_of_one_archive_never_write_at_once(tmp_path: Path) -> None:
     """The second waits for the first's lock before it touches the temporary file (same pid or not)."""
     import threading
-    import zlib
 
-    data = os.urandom(50_000)
-    src = tmp_path / "w.bin"
-    src.write_bytes(data)
-    st = src.stat()
-    known = archive.Known(hashlib.sha256(data).hexdigest(), zlib.crc32(data), (st.st_size, st.st_mtime_ns))
+    src, _, known = _random_file(tmp_path, 50_000)
     target, order = tmp_path / "store" / "a.mar", []
     first_open, release = threading.Event(), threading.Event()
 
@@ -349,14 +344,19 @@ def test_weights_are_copied_during_parity_and_a_parity_failure_meanwhile_leaves_
     assert store_state(fresh) == {}  # no archive, no temporary file (the folder and its lock file may stay)
 
 
-def test_copy_ahead_errors_surface_when_packaging_and_leave_nothing(tmp_path: Path) -> None:
+def _random_file(folder: Path, size: int) -> tuple[Path, bytes, archive.Known]:
+    """A file of random bytes with its digests, as the load stage would have computed them."""
     import zlib
 
-    data = os.urandom(100_000)
-    src = tmp_path / "w.bin"
+    data = os.urandom(size)
+    src = folder / "w.bin"
     src.write_bytes(data)
     st = src.stat()
-    known = archive.Known(hashlib.sha256(data).hexdigest(), zlib.crc32(data), (st.st_size, st.st_mtime_ns))
+    return src, data, archive.Known(hashlib.sha256(data).hexdigest(), zlib.crc32(data), (st.st_size, st.st_mtime_ns))
+
+
+def test_copy_ahead_errors_surface_when_packaging_and_leave_nothing(tmp_path: Path) -> None:
+    src, data, known = _random_file(tmp_path, 100_000)
     manifest = archive.manifest("a", "1", "w.bin", "w.bin")
 
     with archive.begin(tmp_path / "store" / "a.mar", ("w.bin", src, known)) as draft:
@@ -375,7 +375,7 @@ def test_copy_ahead_errors_surface_when_packaging_and_leave_nothing(tmp_path: Pa
             draft.finish({"w.bin": src}, {}, manifest)
     assert store_state(tmp_path / "other") == {}
 
-    with pytest.raises(RuntimeError), archive.begin(tmp_path / "store" / "d.mar", ("w.bin", src, known._replace(stat=(st.st_size, 1)))):
+    with pytest.raises(RuntimeError), archive.begin(tmp_path / "store" / "d.mar", ("w.bin", src, known._replace(stat=(len(data), 1)))):
         raise RuntimeError("parity failed")  # left without finishing: the copy stops, its file goes
     assert store_state(tmp_path / "store").keys() == {"a.mar"}
 
