@@ -113,11 +113,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from pipeline.spec import load_spec
 
     specs = [load_spec(p) for p in args.specs]  # every spec is validated before any work starts
-    if args.device == "cuda":
-        import torch
+    if args.device == "cuda":  # once, before any work, rather than once per build
+        from pipeline.stages.parity import resolve_device
 
-        if not torch.cuda.is_available():
-            raise SpecError("--device cuda: torch sees no GPU here; use --device auto or cpu")
+        resolve_device(specs[0], args.device)
     jobs = [s.with_format(f, suffix=len(args.format) > 1) for s in specs for f in args.format] if args.format else specs
     names = [j.name for j in jobs]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -71,6 +71,8 @@ def resolve_device(spec: Spec, override: str | None) -> str:
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
+        if override:
+            raise SpecError("--device cuda: torch sees no GPU here; use --device auto or cpu")
         raise SpecError(f"{spec.source}: parity.device: 'cuda' asked for, but torch sees no GPU here; use auto or cpu")
     return want
 
