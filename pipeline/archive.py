@@ -18,7 +18,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 from pipeline.errors import PackageError
 
@@ -51,42 +51,20 @@ class Known(NamedTuple):
     stat: tuple[int, int]
 
 
-def _stream(z: zipfile.ZipFile, name: str, src: Path, known: Known | None = None) -> str:
-    """Copy one file into the archive in one pass; with its digests known, the kernel copies it (no read here)."""
+def _stream(z: zipfile.ZipFile, name: str, src: Path) -> str:
+    """Copy one file into the archive in one pass that also computes its sha256 (zipfile computes the CRC)."""
     with open(src, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
+        size = os.fstat(f.fileno()).st_size
         info = _info(name)
-        info.file_size = st.st_size
-        if known:
-            if (st.st_size, st.st_mtime_ns) != known.stat:
-                raise PackageError(f"{src.resolve()} changed while the build was running; build again")
-            _copy_stored(z, info, f, known.crc32)
-            return known.sha256
+        info.file_size = size
         digest = hashlib.sha256()
         buf = bytearray(CHUNK)
-        with z.open(info, "w", force_zip64=st.st_size > 2**31) as out:
+        with z.open(info, "w", force_zip64=size > 2**31) as out:
             while n := f.readinto(buf):
                 view = memoryview(buf)[:n]
                 digest.update(view)
                 out.write(view)
     return digest.hexdigest()
-
-
-def _copy_stored(z: zipfile.ZipFile, info: zipfile.ZipInfo, src: BinaryIO, crc: int) -> None:
-    """A stored entry whose CRC is known: header by zipfile, data by the kernel, directory by zipfile.
-
-    This reaches into zipfile's writer state (fp, start_dir, filelist): the same steps ZipFile.write takes,
-    minus reading the data through Python, which costs seconds per GiB.
-    """
-    info.compress_size, info.CRC = info.file_size, crc
-    z.fp.seek(z.start_dir)
-    info.header_offset = z.fp.tell()
-    z.fp.write(info.FileHeader(info.file_size > zipfile.ZIP64_LIMIT))
-    z.fp.flush()
-    offset = z.fp.tell()
-    _kernel_copy(src.fileno(), z.fp.fileno(), info.file_size, offset, src.name)
-    z.fp.seek(offset + info.file_size)
-    _register(z, info)
 
 
 def _register(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
@@ -159,11 +137,11 @@ def write_archive(
     files: dict[str, Path],
     metadata: dict,
     manifest_bytes: bytes,
-    known: dict[str, Known] | None = None,
+    ahead: tuple[str, Path, Known] | None = None,
 ) -> dict[str, str]:
-    """Write `target` atomically in one go (see `Draft.finish`)."""
-    with begin(target) as draft:
-        return draft.finish(files, metadata, manifest_bytes, known)
+    """Write `target` atomically in one go (see `Draft`); `ahead` names the entry whose digests are known."""
+    with begin(target, ahead) as draft:
+        return draft.finish(files, metadata, manifest_bytes)
 
 
 @contextlib.contextmanager
@@ -243,9 +221,7 @@ class Draft:
         except Exception as exc:  # a bug: reported by finish, not by a thread's traceback
             self._error = PackageError(f"writing {self.target}: {type(exc).__name__}: {exc}")
 
-    def finish(
-        self, files: dict[str, Path], metadata: dict, manifest_bytes: bytes, known: dict[str, Known] | None = None
-    ) -> dict[str, str]:
+    def finish(self, files: dict[str, Path], metadata: dict, manifest_bytes: bytes) -> dict[str, str]:
         """Write the entries (sorted by name, then marpipe.json, then the manifest), fsync, rename into place.
 
         Returns the sha256 of every entry. The temporary file lives beside the target so the rename is atomic.
@@ -267,7 +243,7 @@ class Draft:
                         _register(z, info)
                     for name in sorted(files):
                         if name not in hashes:
-                            hashes[name] = _stream(z, name, files[name], (known or {}).get(name))
+                            hashes[name] = _stream(z, name, files[name])
                     meta = dict(metadata, files=dict(sorted(hashes.items())))
                     for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
                         z.writestr(_info(name), data)
@@ -334,7 +310,7 @@ def _lock(target: Path) -> Iterator[None]:
         target.parent.mkdir(parents=True, exist_ok=True)
         f = open(target.parent / f".{target.name}.lock", "a")  # noqa: SIM115 (closed below)
     except OSError as exc:
-        raise PackageError(f"model store {target.parent}: cannot write there ({exc.strerror or exc})") from None
+        raise _write_error(target, exc) from None
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

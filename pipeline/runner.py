@@ -82,8 +82,7 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
         exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
-        known = package.known_hashes(loaded, exported)
-        with package.begin(spec, store, exported, known) as draft:  # the weights are copied while parity runs
+        with package.begin(spec, store, loaded, exported) as draft:  # the weights are copied while parity runs
             checked = _timed(
                 report,
                 "parity",
@@ -94,7 +93,7 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
             packed = _timed(
                 report,
                 "package",
-                lambda: package.run(spec, draft, workdir, sources, exported, meta, checked, known),
+                lambda: package.run(spec, draft, workdir, sources, exported, meta, checked),
                 _package_detail,
             )
         report.archive = str(packed.archive)

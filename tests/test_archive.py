@@ -296,12 +296,12 @@ def test_known_digest_copy_falls_back_without_copy_file_range(tmp_path: Path, mo
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    archive.write_archive(tmp_path / "a.mar", {"w.bin": src}, {}, archive.manifest("a", "1", "w.bin", "w.bin"), {"w.bin": known})
+    archive.write_archive(tmp_path / "a.mar", {"w.bin": src}, {}, archive.manifest("a", "1", "w.bin", "w.bin"), ("w.bin", src, known))
     assert _entries(tmp_path / "a.mar")["w.bin"] == data
     assert [f for f in verify(tmp_path / "a.mar") if "MANIFEST" not in f] == []  # CRC and hash right
     os.utime(src, ns=(1, 1))
     with pytest.raises(Exception, match="changed while the build was running"):
-        archive.write_archive(tmp_path / "b.mar", {"w.bin": src}, {}, b"{}", {"w.bin": known})
+        archive.write_archive(tmp_path / "b.mar", {"w.bin": src}, {}, b"{}", ("w.bin", src, known))
     assert not (tmp_path / "b.mar").exists()
 
 

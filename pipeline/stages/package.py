@@ -100,20 +100,14 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
     }
 
 
-def known_hashes(loaded: Loaded, exported: Exported) -> dict[str, archive.Known]:
-    """Entries already hashed by the load stage (the checkpoint used as it is): packaging need not read them."""
-    artifact = exported.files[0]
-    ck = loaded.checkpoint
+def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported) -> AbstractContextManager[archive.Draft]:
+    """Start the archive before parity. When the artifact is the checkpoint used as it is, the load stage
+    already computed its digests, so it is copied into the archive on a background thread meanwhile.
+    Nothing is renamed into the store before `run`."""
+    artifact, ck = exported.files[0], loaded.checkpoint
+    ahead = None
     if artifact.is_symlink() and artifact.resolve() == ck.path.resolve():
-        return {artifact.name: archive.Known(ck.sha256, ck.crc32, ck.stat)}
-    return {}
-
-
-def begin(spec: Spec, store: Path, exported: Exported, known: dict[str, archive.Known]) -> AbstractContextManager[archive.Draft]:
-    """Start the archive before parity: an artifact whose digests are known (the checkpoint as it is) is
-    copied into it on a background thread meanwhile. Nothing is renamed into the store before `run`."""
-    artifact = exported.files[0]
-    ahead = (artifact.name, artifact, known[artifact.name]) if artifact.name in known else None
+        ahead = (artifact.name, artifact, archive.Known(ck.sha256, ck.crc32, ck.stat))
     return archive.begin(store / f"{spec.name}.mar", ahead)
 
 
@@ -133,7 +127,6 @@ def run(
     exported: Exported,
     meta: dict[str, Any],
     parity: ParityResult,
-    known: dict[str, archive.Known] | None = None,
 ) -> Packaged:
     files = dict(sources)
     files.update({p.name: p for p in exported.files})
@@ -145,6 +138,6 @@ def run(
         files[name] = workdir / name
     meta = dict(meta, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
-    entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler), known)
+    entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
     ahead = draft.ahead[0].filename if draft.ahead else None
     return Packaged(draft.target, draft.target.stat().st_size, entries, ahead)
