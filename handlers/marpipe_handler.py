@@ -64,29 +64,54 @@ SMALL_BATCH_MS = 5.0
 TIMED_BYTES = 256 << 20  # an artifact this large does at least 64M multiply-adds per row: never a small batch
 
 
-def batch_ms(runner: Any, model_dir: str, meta: dict, batch_size: int) -> float | None:
-    """Milliseconds of one forward pass at the serving batch size, on the archive's parity inputs repeated to
-    that many rows (the median of three after two warm-ups, which the first requests would pay otherwise);
-    None for large artifacts or without the inputs."""
-    import time
-
+def timing_batch(model_dir: str, meta: dict, batch_size: int) -> dict[str, np.ndarray] | None:
+    """The archive's parity inputs repeated to the serving batch size; None for large artifacts (never a small
+    batch) or without the inputs."""
     try:
         if os.path.getsize(os.path.join(model_dir, meta["artifact"])) > TIMED_BYTES:
             return None
         with open(os.path.join(model_dir, "parity_inputs.npz"), "rb") as f:
             arrays = read_npz(f.read())
         rows = len(next(iter(arrays.values())))
-        batch = {k: np.concatenate([v] * -(-batch_size // rows))[:batch_size] for k, v in arrays.items()}
-        times = []
-        for i in range(5):  # two warm-ups (TorchScript optimises on its first runs), then three timed
+        return {k: np.concatenate([v] * -(-batch_size // rows))[:batch_size] for k, v in arrays.items()}
+    except Exception:  # timing is advice; the first request will say what is wrong
+        return None
+
+
+def batch_ms(runner: Any, batch: dict[str, np.ndarray]) -> float | None:
+    """Milliseconds of one forward pass on `batch`: the median of three after two warm-ups (which the first
+    requests would pay otherwise; TorchScript optimises on its first runs). None if the model fails on it."""
+    import time
+
+    times = []
+    try:
+        for i in range(5):
             start = time.perf_counter()
             runner(batch)
             times.append((time.perf_counter() - start) * 1000)
             if i >= 1 and times[-1] > 10 * SMALL_BATCH_MS:
                 return times[-1]  # clearly not small: no need to look again
-        return sorted(times[2:])[1]
     except Exception:  # timing is advice; the first request will say what is wrong
         return None
+    return sorted(times[2:])[1]
+
+
+def fit_threads(runner: Any, threads: int, batch: dict[str, np.ndarray] | None, reload: Any) -> tuple[int, Any, str]:
+    """(threads, runner, why): one thread when a batch runs under SMALL_BATCH_MS both with `threads` and with
+    one (on many cores one thread may be far slower); otherwise what was given. `reload(n)` makes a runner
+    for n threads where the runner fixes its own (onnxruntime)."""
+    import torch
+
+    ms = batch_ms(runner, batch) if batch is not None else None
+    if ms is None or ms >= SMALL_BATCH_MS:
+        return threads, runner, ""
+    torch.set_num_threads(1)
+    single = reload(1)
+    one = batch_ms(single, batch)
+    if one is not None and one < SMALL_BATCH_MS:
+        return 1, single, f" (a batch takes {one:.2f} ms: more threads would take CPU from TorchServe itself)"
+    torch.set_num_threads(threads)
+    return threads, runner, ""
 
 
 def _import_architecture(model_dir: str, arch: dict) -> Any:
@@ -490,18 +515,10 @@ class Service:
         self.runner = load_runner(model_dir, self.meta, device, gpu_id, threads)
         why = ""
         if device == "cpu" and threads > 1 and not os.environ.get("MARPIPE_THREADS"):
-            ms = batch_ms(self.runner, model_dir, self.meta, int(serve.get("batch_size") or 1))
-            if ms is not None and ms < SMALL_BATCH_MS:
-                many = (threads, self.runner)
-                torch.set_num_threads(1)
-                if self.meta["format"] == "onnx":
-                    self.runner = load_runner(model_dir, self.meta, device, gpu_id, 1)
-                one = batch_ms(self.runner, model_dir, self.meta, int(serve.get("batch_size") or 1))
-                if one is not None and one < SMALL_BATCH_MS:  # on many cores one thread may be far slower: check
-                    threads, why = 1, f" (a batch takes {one:.2f} ms: more threads would take CPU from TorchServe itself)"
-                else:
-                    threads, self.runner = many
-                    torch.set_num_threads(threads)
+            batch = timing_batch(model_dir, self.meta, int(serve.get("batch_size") or 1))
+            onnx = self.meta["format"] == "onnx"
+            reload = (lambda n: load_runner(model_dir, self.meta, device, gpu_id, n)) if onnx else (lambda n: self.runner)
+            threads, self.runner, why = fit_threads(self.runner, threads, batch, reload)
         log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], self.meta["format"], device, threads, why)
 
     def handle(self, data: list, context: Any) -> list:

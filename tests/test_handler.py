@@ -256,10 +256,10 @@ def test_a_small_model_is_served_with_one_thread_and_a_large_one_keeps_them(serv
     _, folder = served
     meta = json.loads((folder / "marpipe.json").read_text())
     runner = h.load_runner(str(folder), meta, "cpu")
-    ms = h.batch_ms(runner, str(folder), meta, 8)
+    ms = h.batch_ms(runner, h.timing_batch(str(folder), meta, 8))
     assert ms is not None and 0 < ms < h.SMALL_BATCH_MS
     monkeypatch.setattr(h, "TIMED_BYTES", 0)  # as if the artifact were large: not timed, so threads stay
-    assert h.batch_ms(runner, str(folder), meta, 8) is None
+    assert h.timing_batch(str(folder), meta, 8) is None
     monkeypatch.undo()
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one CPU: one thread either way")
