@@ -198,18 +198,18 @@ def scan(path: Path, fmt: str) -> tuple[str, int]:
     # The file is mapped, not read: each thread then makes a few long calls that run without the GIL. Reading
     # it in chunks needs the GIL between chunks, and while torch is being imported that doubled the scan.
     digest = hashlib.sha256()
-    whole = 0
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != size:
             raise CheckpointError(f"checkpoint {path}: the file changed while it was read; try again")
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except (OSError, ValueError):  # a file system that cannot map files: read it whole, more slowly
+        except (OSError, ValueError):  # a file system that cannot map files
             mm = None
+        if mm is None:  # (or an empty file) read it whole, more slowly
             data = f.read()
             digest.update(data)
             whole = crc_all(memoryview(data))
-        if mm is not None:
+        else:
             with mm, ThreadPoolExecutor(1) as pool:
                 mm.madvise(mmap.MADV_SEQUENTIAL)
                 with memoryview(mm) as view:
