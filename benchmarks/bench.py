@@ -115,7 +115,7 @@ def bench_packaging(out: Path, size_gb: float, runs: int) -> dict:
         for name in z.namelist():
             if name != "weights.pt" and not name.startswith("MAR-INF"):
                 z.extract(name, files)
-    extra = ",".join(str(files / n) for n in ("marpipe.json", "parity_inputs.npz", "parity_outputs.npz", "stack.py"))
+    extra = ",".join(str(files / n) for n in ("marpipe.json", "parity_inputs.npz", "parity_outputs.npz", "stack.py", "marpipe_serving"))
     weights = files / "weights.pt"  # the same entry name as in our archive (a link: no copy)
     os.link(ckpt, weights)
 
@@ -279,7 +279,7 @@ class _Ceiling:
     def __init__(self, archive: Path, folder: Path, image: np.ndarray) -> None:
         import torch
 
-        from handlers.marpipe_handler import load_runner
+        from handlers.marpipe_serving.models import load_runner
 
         shutil.rmtree(folder, ignore_errors=True)
         with zipfile.ZipFile(archive) as z:

@@ -33,7 +33,7 @@ def measure(runner: Any, arrays: dict[str, Any], iterations: int, warmup: int = 
 
 
 def bench_format(spec: Spec, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:
-    from handlers.marpipe_handler import load_runner
+    from handlers.marpipe_serving.models import load_runner
     from pipeline.stages import export, load, package, parity
 
     spec = replace(spec, export=replace(spec.export, format=fmt))

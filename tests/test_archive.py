@@ -32,8 +32,10 @@ def _entries(archive: Path) -> dict[str, bytes]:
 def test_archive_contents(linear_project: Project) -> None:
     assert linear_project.build(linear_project.spec(version="2.1")).returncode == 0
     entries = _entries(linear_project.store / "tiny.mar")
+    serving = [f"marpipe_serving/{m}.py" for m in ("__init__", "codecs", "errors", "models", "npz", "service")]
     assert list(entries) == [
         "marpipe_handler.py",
+        *serving,
         "model-config.yaml",
         "parity_inputs.npz",
         "parity_outputs.npz",

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from handlers import marpipe_handler as h
+from handlers.marpipe_serving import codecs, models, npz
+from handlers.marpipe_serving import service as serving
+from handlers.marpipe_serving.errors import BadRequest
 
 
 class FakeContext:
@@ -55,7 +57,7 @@ def served(tmp_path_factory):
     spec = project.spec(outputs=[{"name": "y"}], serve={"max_rows": 5})
     assert project.build(spec).returncode == 0
     folder = _extract(project.store / "tiny.mar", project.root / "extracted")
-    return h.Service(FakeContext(folder)), folder
+    return serving.Service(FakeContext(folder)), folder
 
 
 def _expected(rows: list[list[float]]) -> list[list[float]]:
@@ -120,12 +122,12 @@ def test_casts_only_when_safe() -> None:
     spec_int = {"name": "ids", "shape": ["batch", 2], "dtype": "int64", "range": [0, 10]}
     spec_float = {"name": "x", "shape": ["batch", 2], "dtype": "float32", "range": None}
     meta = {"inputs": [spec_float]}
-    assert h.to_arrays({"inputs": {"x": [[1, 2]]}}, meta)["x"].dtype == np.float32  # ints to floats: fine
-    with pytest.raises(h.BadRequest, match="floating-point values"):
-        h.to_arrays({"inputs": {"ids": [[1.5, 2]]}}, {"inputs": [spec_int]})
-    with pytest.raises(h.BadRequest, match=r"must lie in \[0, 10\)"):
-        h.to_arrays({"inputs": {"ids": [[1, 10]]}}, {"inputs": [spec_int]})
-    assert h.to_arrays({"inputs": {"ids": np.array([[1, 9]], dtype=np.int32)}}, {"inputs": [spec_int]})["ids"].dtype == np.int64
+    assert codecs.to_arrays({"inputs": {"x": [[1, 2]]}}, meta)["x"].dtype == np.float32  # ints to floats: fine
+    with pytest.raises(BadRequest, match="floating-point values"):
+        codecs.to_arrays({"inputs": {"ids": [[1.5, 2]]}}, {"inputs": [spec_int]})
+    with pytest.raises(BadRequest, match=r"must lie in \[0, 10\)"):
+        codecs.to_arrays({"inputs": {"ids": [[1, 10]]}}, {"inputs": [spec_int]})
+    assert codecs.to_arrays({"inputs": {"ids": np.array([[1, 9]], dtype=np.int32)}}, {"inputs": [spec_int]})["ids"].dtype == np.int64
 
 
 def test_batch_groups_by_dynamic_dims(tmp_path: Path) -> None:
@@ -136,7 +138,7 @@ def test_batch_groups_by_dynamic_dims(tmp_path: Path) -> None:
         calls.append(arrays["ids"].shape)
         return {"total": arrays["ids"].sum(axis=1, keepdims=True)}
 
-    service = h.Service.__new__(h.Service)
+    service = serving.Service.__new__(serving.Service)
     service.meta = {
         "inputs": [{"name": "ids", "shape": ["batch", "seq"], "dtype": "int64", "range": [0, 100]}],
         "outputs": [{"name": "total"}],
@@ -158,7 +160,7 @@ def test_a_request_that_breaks_the_model_does_not_fail_its_batch(tmp_path: Path)
             raise RuntimeError("negative input")
         return {"y": arrays["x"] * 2}
 
-    service = h.Service.__new__(h.Service)
+    service = serving.Service.__new__(serving.Service)
     service.meta = {"inputs": [{"name": "x", "shape": ["batch", 1], "dtype": "float32"}], "outputs": [{"name": "y"}]}
     service.runner = runner
     ctx = FakeContext(tmp_path)
@@ -168,13 +170,28 @@ def test_a_request_that_breaks_the_model_does_not_fail_its_batch(tmp_path: Path)
 
 
 def test_handler_is_self_contained() -> None:
+    """What travels in the archive imports nothing of marpipe's; at module level only the standard library and
+    numpy (torch, onnxruntime and the optional libraries are imported where they are needed)."""
     import ast
 
-    source = Path(h.__file__).read_text()
-    modules = {a.name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
-    modules |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.module}
-    allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "torch", "onnxruntime"}  # nothing of marpipe's, nothing else
-    assert modules <= allowed, modules - allowed
+    folder = Path(serving.__file__).parent
+    lazy = {"torch", "onnxruntime"}
+    for path in [folder.parent / "marpipe_handler.py", *sorted(folder.glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        top, anywhere = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = {node.module.split(".")[0]}
+            else:
+                continue
+            anywhere |= names
+            if node in tree.body:
+                top |= names
+        allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "marpipe_serving"}
+        assert top <= allowed, (path.name, top - allowed)
+        assert anywhere <= allowed | lazy, (path.name, anywhere - allowed - lazy)
 
 
 def test_safetensors_reader_matches_the_library(tmp_path: Path) -> None:
@@ -190,7 +207,7 @@ def test_safetensors_reader_matches_the_library(tmp_path: Path) -> None:
         "u8": torch.arange(4, dtype=torch.uint8),
     }
     save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
-    ours, theirs = h.read_safetensors(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "w.safetensors"))
+    ours, theirs = models.read_safetensors(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "w.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for name, value in theirs.items():
         assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
@@ -204,7 +221,7 @@ def test_a_safetensors_checkpoint_is_served_as_it_is(project, tmp_path: Path) ->
     assert project.build(project.spec(checkpoint={"path": "w.safetensors"})).returncode == 0
     folder = _extract(project.store / "tiny.mar", tmp_path / "x")
     assert (folder / "weights.safetensors").read_bytes() == (project.root / "w.safetensors").read_bytes()
-    out = h.Service(FakeContext(folder)).handle([{"body": {"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]]}}}], FakeContext(folder))
+    out = serving.Service(FakeContext(folder)).handle([{"body": {"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]]}}}], FakeContext(folder))
     with torch.no_grad():
         expected = model(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist()
     assert json.loads(out[0])["outputs"]["output"] == expected
@@ -222,11 +239,11 @@ NPZ_CASES = {
 def test_npz_read_and_written_without_zipfile_as_numpy_does(arrays: dict) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    fast = h._read_stored_npz(buf.getvalue())
+    fast = npz._read_stored_npz(buf.getvalue())
     assert fast is not None
     for k, v in arrays.items():
         assert fast[k].dtype == v.dtype and fast[k].shape == v.shape and np.array_equal(fast[k], v)
-    with np.load(io.BytesIO(h.write_npz(arrays)), allow_pickle=False) as z:
+    with np.load(io.BytesIO(npz.write_npz(arrays)), allow_pickle=False) as z:
         for k, v in arrays.items():
             assert z[k].dtype == v.dtype and z[k].shape == v.shape and np.array_equal(z[k], v)
 
@@ -234,42 +251,42 @@ def test_npz_read_and_written_without_zipfile_as_numpy_does(arrays: dict) -> Non
 def test_npz_bodies_numpy_must_read_and_broken_ones() -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, x=np.ones((2, 4), np.float32))
-    assert h._read_stored_npz(buf.getvalue()) is None  # compressed: numpy's reader
-    assert np.array_equal(h.parse_body(buf.getvalue(), h.NPZ)["x"], np.ones((2, 4)))
+    assert npz._read_stored_npz(buf.getvalue()) is None  # compressed: numpy's reader
+    assert np.array_equal(codecs.parse_body(buf.getvalue(), codecs.NPZ)["x"], np.ones((2, 4)))
 
     buf = io.BytesIO()
     np.savez(buf, x=np.ones((2, 4), np.float32))
     body = bytearray(buf.getvalue())
     body[-200] ^= 0xFF  # inside the data: the CRC no longer matches
-    with pytest.raises(h.BadRequest, match="CRC"):
-        h.parse_body(bytes(body), h.NPZ)
-    with pytest.raises(h.BadRequest, match="not a readable .npz"):
-        h.parse_body(buf.getvalue()[:-30], h.NPZ)  # truncated
+    with pytest.raises(BadRequest, match="CRC"):
+        codecs.parse_body(bytes(body), codecs.NPZ)
+    with pytest.raises(BadRequest, match="not a readable .npz"):
+        codecs.parse_body(buf.getvalue()[:-30], codecs.NPZ)  # truncated
     buf = io.BytesIO()
     np.savez(buf, x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(h.BadRequest, match="not a readable .npz"):
-        h.parse_body(buf.getvalue(), h.NPZ)  # pickled objects are never loaded
+    with pytest.raises(BadRequest, match="not a readable .npz"):
+        codecs.parse_body(buf.getvalue(), codecs.NPZ)  # pickled objects are never loaded
 
 
 def test_a_small_model_is_served_with_one_thread_and_a_large_one_keeps_them(served, monkeypatch) -> None:
     """A batch that takes a few ms gains nothing from intra-op threads, whose spinning takes CPU from TorchServe."""
     _, folder = served
     meta = json.loads((folder / "marpipe.json").read_text())
-    runner = h.load_runner(str(folder), meta, "cpu")
-    ms = h.batch_ms(runner, h.timing_batch(str(folder), meta, 8))
-    assert ms is not None and 0 < ms < h.SMALL_BATCH_MS
-    monkeypatch.setattr(h, "TIMED_BYTES", 0)  # as if the artifact were large: not timed, so threads stay
-    assert h.timing_batch(str(folder), meta, 8) is None
+    runner = models.load_runner(str(folder), meta, "cpu")
+    ms = models.batch_ms(runner, models.timing_batch(str(folder), meta, 8))
+    assert ms is not None and 0 < ms < models.SMALL_BATCH_MS
+    monkeypatch.setattr(models, "TIMED_BYTES", 0)  # as if the artifact were large: not timed, so threads stay
+    assert models.timing_batch(str(folder), meta, 8) is None
     monkeypatch.undo()
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one CPU: one thread either way")
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("MARPIPE_THREADS", raising=False)
-        h.Service(FakeContext(folder))
+        serving.Service(FakeContext(folder))
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("MARPIPE_THREADS", "2")  # an operator's choice is kept
-        h.Service(FakeContext(folder))
+        serving.Service(FakeContext(folder))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -289,12 +306,12 @@ def test_hostile_npz_bodies_are_refused_before_the_work() -> None:
     def copies(n: int) -> bytes:
         return body[:cd_pos] + entry * n + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, cd_size * n, cd_pos, 0)
 
-    with pytest.raises(h.BadRequest, match="entries overlap"):
-        h.parse_body(copies(50), h.NPZ)
-    with pytest.raises(h.BadRequest, match="entries"):
-        h.parse_body(copies(h.MAX_NPZ_ENTRIES + 1), h.NPZ)
-    named = h.write_npz({"größe": np.ones(2)})  # a non-ASCII name says it is UTF-8, as zipfile does
+    with pytest.raises(BadRequest, match="entries overlap"):
+        codecs.parse_body(copies(50), codecs.NPZ)
+    with pytest.raises(BadRequest, match="entries"):
+        codecs.parse_body(copies(npz.MAX_NPZ_ENTRIES + 1), codecs.NPZ)
+    named = npz.write_npz({"größe": np.ones(2)})  # a non-ASCII name says it is UTF-8, as zipfile does
     with np.load(io.BytesIO(named)) as z:
         assert z.files == ["größe"]
-    assert list(h.read_npz(named)) == ["größe"]
-    assert h._NPY_DICT.fullmatch("{'descr': '<f4', 'fortran_order': False, 'shape': (1 2,), }") is None  # numpy refuses it too
+    assert list(npz.read_npz(named)) == ["größe"]
+    assert npz._NPY_DICT.fullmatch("{'descr': '<f4', 'fortran_order': False, 'shape': (1 2,), }") is None  # numpy refuses it too

@@ -96,7 +96,7 @@ def test_every_archive_answers_like_eager(server: ts.Server, store: Path) -> Non
         dims = {"batch": 3, **{d: v[-1] for d, v in spec.dims.items()}}
         tensors = gen.make(spec, dims, seed=123)
         with torch.inference_mode():
-            from handlers.marpipe_handler import name_outputs
+            from handlers.marpipe_serving.models import name_outputs
 
             expected = name_outputs(model(*tensors.values()), [o["name"] for o in meta["outputs"]])
         arrays = {k: v.numpy() for k, v in tensors.items()}

@@ -19,7 +19,8 @@ from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
-RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name}
+SERVING = HANDLER.parent / "marpipe_serving"  # the handler's package: travels beside it in every archive
+RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name, SERVING.name}
 RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors"}
 
 
@@ -52,6 +53,7 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
     files = {handler.name: handler, spec.architecture.file.name: spec.architecture.file}
     if spec.serve.handler is not None:
         files[HANDLER.name] = HANDLER  # a user handler may import ours
+    files.update(handler_package())
     for i, extra in enumerate(spec.serve.extra_files):
         if extra.name in files or extra.name in RESERVED:
             raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
@@ -61,8 +63,14 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
             f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file"
         )
     for name, src in files.items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, workdir / name)
     return {name: workdir / name for name in files}
+
+
+def handler_package() -> dict[str, Path]:
+    """The serving package's modules as archive entries (`marpipe_serving/<module>.py`)."""
+    return {f"{SERVING.name}/{p.name}": p for p in sorted(SERVING.glob("*.py"))}
 
 
 def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:

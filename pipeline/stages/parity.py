@@ -82,7 +82,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     so a large model is never held twice."""
     import torch
 
-    from handlers.marpipe_handler import load_runner, name_outputs
+    from handlers.marpipe_serving.models import load_runner, name_outputs
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

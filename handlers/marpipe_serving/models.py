@@ -1,0 +1,248 @@
+"""Loading the archive's artifact as the handler serves it (also used by marpipe's parity stage), and running it.
+
+Everything it needs to know comes from ``marpipe.json`` inside the archive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from .npz import read_npz
+
+METADATA = "marpipe.json"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def np_dtype(name: str) -> Any:
+    # numpy has no bfloat16: such inputs travel as float32 and are cast by torch.
+    return np.float32 if name == "bfloat16" else np.dtype(name)
+
+
+def thread_count(max_workers: int) -> int:
+    """Threads per worker so that all workers together do not oversubscribe the CPU."""
+    env = os.environ.get("MARPIPE_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // max(1, max_workers))
+
+
+# A model whose whole batch runs faster than this gains little from intra-op threads, and the threads' spinning
+# between batches takes CPU from TorchServe's frontend and Python worker on the same cores. Measured on 2 cores:
+# the example CNN (0.9 ms a batch) served 60% more requests with 1 thread than with 2, while a 224x224 CNN
+# (about 110 ms a batch) served 10% fewer.
+SMALL_BATCH_MS = 5.0
+TIMED_BYTES = 256 << 20  # an artifact this large does at least 64M multiply-adds per row: never a small batch
+
+
+def timing_batch(model_dir: str, meta: dict, batch_size: int) -> dict[str, np.ndarray] | None:
+    """The archive's parity inputs repeated to the serving batch size; None for large artifacts (never a small
+    batch) or without the inputs."""
+    try:
+        if os.path.getsize(os.path.join(model_dir, meta["artifact"])) > TIMED_BYTES:
+            return None
+        with open(os.path.join(model_dir, "parity_inputs.npz"), "rb") as f:
+            arrays = read_npz(f.read())
+        rows = len(next(iter(arrays.values())))
+        return {k: np.concatenate([v] * -(-batch_size // rows))[:batch_size] for k, v in arrays.items()}
+    except Exception:  # timing is advice; the first request will say what is wrong
+        return None
+
+
+def batch_ms(runner: Any, batch: dict[str, np.ndarray]) -> float | None:
+    """Milliseconds of one forward pass on `batch`: the median of three after two warm-ups (which the first
+    requests would pay otherwise; TorchScript optimises on its first runs). None if the model fails on it."""
+    import time
+
+    times = []
+    try:
+        for i in range(5):
+            start = time.perf_counter()
+            runner(batch)
+            times.append((time.perf_counter() - start) * 1000)
+            if i >= 1 and times[-1] > 10 * SMALL_BATCH_MS:
+                return times[-1]  # clearly not small: no need to look again
+    except Exception:  # timing is advice; the first request will say what is wrong
+        return None
+    return sorted(times[2:])[1]
+
+
+def fit_threads(runner: Any, threads: int, batch: dict[str, np.ndarray] | None, reload: Any) -> tuple[int, Any, str]:
+    """(threads, runner, why): one thread when a batch runs under SMALL_BATCH_MS both with `threads` and with
+    one (on many cores one thread may be far slower); otherwise what was given. `reload(n)` makes a runner
+    for n threads where the runner fixes its own (onnxruntime)."""
+    import torch
+
+    ms = batch_ms(runner, batch) if batch is not None else None
+    if ms is None or ms >= SMALL_BATCH_MS:
+        return threads, runner, ""
+    torch.set_num_threads(1)
+    single = reload(1)
+    one = batch_ms(single, batch)
+    if one is not None and one < SMALL_BATCH_MS:
+        return 1, single, f" (a batch takes {one:.2f} ms: more threads would take CPU from TorchServe itself)"
+    torch.set_num_threads(threads)
+    return threads, runner, ""
+
+
+def _import_architecture(model_dir: str, arch: dict) -> Any:
+    path = os.path.join(model_dir, arch["file"])
+    name = os.path.splitext(arch["file"])[0]
+    if model_dir not in sys.path:
+        sys.path.insert(0, model_dir)  # sibling modules shipped as extra files
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return getattr(module, arch["class"])
+
+
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def read_safetensors(path: str) -> dict[str, Any]:
+    """A safetensors file as mmap-backed tensors (no copy; the safetensors package is not on the server)."""
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        # a private (copy-on-write) mapping: writable for torch.frombuffer, never written back
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size > 8 + size else b""
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = torch_dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + size + start) if count else torch.empty(0, dtype=dtype)
+        state[name] = flat.reshape(info["shape"])
+    return state
+
+
+def load_eager(model_dir: str, meta: dict, device: str) -> Any:
+    """Construct the architecture on the meta device and assign the mmap'd weights: one copy in memory."""
+    import torch
+
+    cls = _import_architecture(model_dir, meta["architecture"])
+    kwargs = meta["architecture"]["kwargs"]
+    path = os.path.join(model_dir, meta["artifact"])
+    if path.endswith(".safetensors"):
+        state = read_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with torch.device("meta"):
+        model = cls(**kwargs)
+    if any(name not in state for name, _ in model.named_buffers()):
+        model = cls(**kwargs)  # non-persistent buffers need the real constructor
+        model.load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False).to(device)
+
+
+class TorchRunner:
+    """Runs an eager or TorchScript module on named numpy inputs, returns named numpy outputs."""
+
+    def __init__(self, module: Any, meta: dict, device: str) -> None:
+        self.module = module
+        self.device = device
+        self.inputs = meta["inputs"]
+        self.output_names = [o["name"] for o in meta["outputs"]]
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])).to(self.device, torch_dtype(t["dtype"])) for t in self.inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        return name_outputs(out, self.output_names)
+
+
+def name_outputs(out: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """A tensor, tuple/list (by position) or dict (by key) of tensors as {name: float/int numpy array}."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        values = [out]
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    elif isinstance(out, dict):
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise ValueError(f"model output dict lacks {missing}; it has {sorted(out)}")
+        values = [out[n] for n in names]
+    else:
+        raise ValueError(f"model returned {type(out).__name__}; expected a tensor, tuple or dict of tensors")
+    if len(values) != len(names):
+        raise ValueError(f"model returned {len(values)} outputs, the archive names {len(names)}")
+    result = {}
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"output {name} is a {type(value).__name__}, not a tensor")
+        value = value.detach()
+        if value.dtype in (torch.float16, torch.bfloat16):
+            value = value.float()
+        result[name] = value.cpu().numpy()
+    return result
+
+
+class OnnxRunner:
+    """Runs an ONNX model with onnxruntime: CUDA on TorchServe's gpu_id when there is one, else CPU."""
+
+    def __init__(self, path: str, meta: dict, gpu_id: int | None, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(gpu_id)}))
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.inputs = meta["inputs"]
+        self.output_names = [o["name"] for o in meta["outputs"]]
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {t["name"]: np.ascontiguousarray(arrays[t["name"]], dtype=np_dtype(t["dtype"])) for t in self.inputs}
+        values = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, values))
+
+
+def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = None, threads: int = 1) -> Any:
+    """The callable that serves this archive's format."""
+    import torch
+
+    fmt = meta["format"]
+    path = os.path.join(model_dir, meta["artifact"])
+    if fmt == "eager":
+        return TorchRunner(load_eager(model_dir, meta, device), meta, device)
+    if fmt == "torchscript":
+        return TorchRunner(torch.jit.load(path, map_location=device).eval(), meta, device)
+    if fmt == "onnx":
+        return OnnxRunner(path, meta, gpu_id if device.startswith("cuda") else None, threads)
+    raise ValueError(f"unknown format {fmt!r} in {METADATA}")
