@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import spec_requests as requests
 from pipeline.errors import SpecError
 from pipeline.spec_reader import Reader as _Reader
+from pipeline.spec_requests import ImageSpec, OutputLabels, TextSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -35,6 +37,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     dtype: str = "float32"
     range: tuple[float, float] | None = None
+    image: ImageSpec | None = None  # requests may send an encoded image for this input
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class OutputSpec:
     name: str
     atol: float | None = None
     rtol: float | None = None
+    labels: OutputLabels | None = None  # answered as labels with scores
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Serve:
     max_rows: int = 64
     handler: Path | None = None
     extra_files: tuple[Path, ...] = ()
+    hooks: Path | None = None  # user decode()/encode() around our batching
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class Spec:
     export: Export
     parity: Parity
     serve: Serve
+    text: TextSpec | None = None  # text requests, tokenized into input_ids (attention_mask, token_type_ids)
+    dim_max: dict[str, int] = field(default_factory=dict)  # the largest size a request may give a dynamic dim
 
     def with_format(self, fmt: str, suffix: bool) -> Spec:
         """This spec exported as `fmt`; with `suffix` the archive is named `<name>_<fmt>`."""
@@ -152,7 +159,7 @@ def parse_spec(data: Any, source: Path) -> Spec:
     top = r.mapping(
         data,
         "",
-        ("name", "version", "architecture", "checkpoint", "inputs", "outputs", "dims", "export", "parity", "serve"),
+        ("name", "version", "architecture", "checkpoint", "inputs", "outputs", "dims", "export", "parity", "serve", "text"),
         ("name", "architecture", "checkpoint", "inputs"),
     )
     name = r.str_(top["name"], "name")
@@ -160,7 +167,8 @@ def parse_spec(data: Any, source: Path) -> Spec:
         raise r.fail("name", f"{name!r} is not a valid model name (letters, digits, '_', '-', '.'; no '/')")
     version = r.str_(top.get("version", "1.0"), "version")
     inputs = _inputs(r, top["inputs"])
-    dims = _dims(r, top.get("dims"), inputs)
+    used = sorted({d for t in inputs for d in t.shape[1:] if isinstance(d, str)})
+    dims, dim_max = requests.dims(r, top.get("dims"), used, DEFAULT_DIM_SIZES)
     return Spec(
         source=source,
         name=name,
@@ -173,6 +181,8 @@ def parse_spec(data: Any, source: Path) -> Spec:
         export=_export(r, top.get("export")),
         parity=_parity(r, top.get("parity")),
         serve=_serve(r, top.get("serve")),
+        text=requests.text(r, top.get("text"), inputs, dim_max),
+        dim_max=dim_max,
     )
 
 
@@ -258,7 +268,7 @@ def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
     out: list[TensorSpec] = []
     for i, item in enumerate(items):
         where = f"inputs[{i}]"
-        m = r.mapping(item, where, ("name", "shape", "dtype", "range"), ("name", "shape"))
+        m = r.mapping(item, where, ("name", "shape", "dtype", "range", "image"), ("name", "shape"))
         name = r.str_(m["name"], f"{where}.name")
         if not IDENT_RE.match(name):
             raise r.fail(f"{where}.name", f"{name!r} is not a valid input name (letters, digits, '_')")
@@ -288,21 +298,9 @@ def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
             rng = (rng[0], rng[1])
         elif dtype not in CAST_DTYPES and dtype != "bool":
             raise r.fail(f"{where}.range", f"an {dtype} input needs range: [low, high] to generate test values")
-        out.append(TensorSpec(name=name, shape=tuple(dims), dtype=dtype, range=rng))
+        picture = None if m.get("image") is None else requests.image(r, m["image"], f"{where}.image", tuple(dims), dtype)
+        out.append(TensorSpec(name=name, shape=tuple(dims), dtype=dtype, range=rng, image=picture))
     return tuple(out)
-
-
-def _dims(r: _Reader, value: Any, inputs: tuple[TensorSpec, ...]) -> dict[str, tuple[int, ...]]:
-    used = sorted({d for t in inputs for d in t.shape[1:] if isinstance(d, str)})
-    m = r.mapping(value, "dims", tuple(used))
-    dims: dict[str, tuple[int, ...]] = {}
-    for name in used:
-        sizes = m.get(name, list(DEFAULT_DIM_SIZES))
-        sizes = r.list_(sizes, f"dims.{name}")
-        if len(set(sizes)) < 2:
-            raise r.fail(f"dims.{name}", "give at least two different sizes to test the dynamic dimension with")
-        dims[name] = tuple(r.int_(s, f"dims.{name}[{i}]", minimum=1) for i, s in enumerate(sizes))
-    return dims
 
 
 def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
@@ -312,13 +310,13 @@ def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
     out: list[OutputSpec] = []
     for i, item in enumerate(items):
         where = f"outputs[{i}]"
-        m = r.mapping(item, where, ("name", "atol", "rtol"), ("name",))
+        m = r.mapping(item, where, ("name", "atol", "rtol", "labels", "topk", "activation"), ("name",))
         name = r.str_(m["name"], f"{where}.name")
         if any(o.name == name for o in out):
             raise r.fail(f"{where}.name", f"duplicate output name {name!r}")
         atol = None if m.get("atol") is None else r.float_(m["atol"], f"{where}.atol")
         rtol = None if m.get("rtol") is None else r.float_(m["rtol"], f"{where}.rtol")
-        out.append(OutputSpec(name=name, atol=atol, rtol=rtol))
+        out.append(OutputSpec(name=name, atol=atol, rtol=rtol, labels=requests.output_labels(r, m, where)))
     return tuple(out) or None
 
 
@@ -355,7 +353,17 @@ def _parity(r: _Reader, value: Any) -> Parity:
 
 
 def _serve(r: _Reader, value: Any) -> Serve:
-    keys = ("batch_size", "max_batch_delay_ms", "min_workers", "max_workers", "response_timeout_s", "max_rows", "handler", "extra_files")
+    keys = (
+        "batch_size",
+        "max_batch_delay_ms",
+        "min_workers",
+        "max_workers",
+        "response_timeout_s",
+        "max_rows",
+        "handler",
+        "extra_files",
+        "hooks",
+    )
     m = r.mapping(value, "serve", keys)
     d = Serve()
     take: Callable[[str, int], int] = lambda key, minimum: r.int_(m.get(key, getattr(d, key)), f"serve.{key}", minimum)
@@ -368,6 +376,7 @@ def _serve(r: _Reader, value: Any) -> Serve:
         max_rows=take("max_rows", 1),
         handler=None if m.get("handler") is None else r.file(m["handler"], "serve.handler"),
         extra_files=tuple(r.file(f, f"serve.extra_files[{i}]") for i, f in enumerate(r.list_(m.get("extra_files"), "serve.extra_files"))),
+        hooks=requests.hooks(r, m.get("hooks")),
     )
     if serve.max_workers < serve.min_workers:
         raise r.fail("serve.max_workers", f"must be >= serve.min_workers ({serve.min_workers}), got {serve.max_workers}")

@@ -12,29 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FakeContext
 
 from handlers.marpipe_serving import codecs, models, npz
 from handlers.marpipe_serving import service as serving
+from handlers.marpipe_serving.contract import Contract
 from handlers.marpipe_serving.errors import BadRequest
-
-
-class FakeContext:
-    """The parts of ts.context.Context the handler uses."""
-
-    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
-        self.headers = headers or []
-        self.status: dict[int, tuple[int, str]] = {}
-        self.content_type: dict[int, str] = {}
-
-    def get_all_request_header(self, idx: int) -> dict[str, str]:
-        return self.headers[idx] if idx < len(self.headers) else {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.status[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_type[idx] = value
 
 
 def _extract(archive: Path, dest: Path) -> Path:
@@ -121,13 +104,26 @@ def test_bad_request_fails_alone(served, case: str) -> None:
 def test_casts_only_when_safe() -> None:
     spec_int = {"name": "ids", "shape": ["batch", 2], "dtype": "int64", "range": [0, 10]}
     spec_float = {"name": "x", "shape": ["batch", 2], "dtype": "float32", "range": None}
-    meta = {"inputs": [spec_float]}
-    assert codecs.to_arrays({"inputs": {"x": [[1, 2]]}}, meta)["x"].dtype == np.float32  # ints to floats: fine
+    floats, ints = _contract([spec_float]), _contract([spec_int])
+    assert floats.from_json({"inputs": {"x": [[1, 2]]}})["x"].dtype == np.float32  # ints to floats: fine
     with pytest.raises(BadRequest, match="floating-point values"):
-        codecs.to_arrays({"inputs": {"ids": [[1.5, 2]]}}, {"inputs": [spec_int]})
+        ints.from_json({"inputs": {"ids": [[1.5, 2]]}})
     with pytest.raises(BadRequest, match=r"must lie in \[0, 10\)"):
-        codecs.to_arrays({"inputs": {"ids": [[1, 10]]}}, {"inputs": [spec_int]})
-    assert codecs.to_arrays({"inputs": {"ids": np.array([[1, 9]], dtype=np.int32)}}, {"inputs": [spec_int]})["ids"].dtype == np.int64
+        ints.from_json({"inputs": {"ids": [[1, 10]]}})
+    assert ints.from_json({"inputs": {"ids": np.array([[1, 9]], dtype=np.int32)}})["ids"].dtype == np.int64
+
+
+def _contract(inputs: list[dict], outputs: list[dict] | None = None, **meta) -> Contract:
+    return Contract({"inputs": inputs, "outputs": outputs or [{"name": "y"}], **meta}, "/nonexistent")
+
+
+def _bare_service(runner, inputs: list[dict], outputs: list[dict]) -> serving.Service:
+    """A Service around a plain function, without an archive."""
+    service = serving.Service.__new__(serving.Service)
+    service.meta = {"inputs": inputs, "outputs": outputs}
+    service.contract = Contract(service.meta, "/nonexistent")
+    service.runner = runner
+    return service
 
 
 def test_batch_groups_by_dynamic_dims(tmp_path: Path) -> None:
@@ -138,12 +134,8 @@ def test_batch_groups_by_dynamic_dims(tmp_path: Path) -> None:
         calls.append(arrays["ids"].shape)
         return {"total": arrays["ids"].sum(axis=1, keepdims=True)}
 
-    service = serving.Service.__new__(serving.Service)
-    service.meta = {
-        "inputs": [{"name": "ids", "shape": ["batch", "seq"], "dtype": "int64", "range": [0, 100]}],
-        "outputs": [{"name": "total"}],
-    }
-    service.runner = runner
+    inputs = [{"name": "ids", "shape": ["batch", "seq"], "dtype": "int64", "range": [0, 100]}]
+    service = _bare_service(runner, inputs, [{"name": "total"}])
     data = [
         {"body": {"inputs": {"ids": [[1, 2, 3]]}}},
         {"body": {"inputs": {"ids": [[1, 1], [2, 2]]}}},
@@ -160,9 +152,7 @@ def test_a_request_that_breaks_the_model_does_not_fail_its_batch(tmp_path: Path)
             raise RuntimeError("negative input")
         return {"y": arrays["x"] * 2}
 
-    service = serving.Service.__new__(serving.Service)
-    service.meta = {"inputs": [{"name": "x", "shape": ["batch", 1], "dtype": "float32"}], "outputs": [{"name": "y"}]}
-    service.runner = runner
+    service = _bare_service(runner, [{"name": "x", "shape": ["batch", 1], "dtype": "float32"}], [{"name": "y"}])
     ctx = FakeContext(tmp_path)
     out = service.handle([{"body": [[1.0]]}, {"body": [[-1.0]]}, {"body": [[3.0]]}], ctx)
     assert ctx.status[1][0] == 500 and "negative input" in json.loads(out[1])["error"]
@@ -175,7 +165,7 @@ def test_handler_is_self_contained() -> None:
     import ast
 
     folder = Path(serving.__file__).parent
-    lazy = {"torch", "onnxruntime"}
+    lazy = {"torch", "onnxruntime", "PIL", "tokenizers", "orjson"}  # imported where an archive needs them
     for path in [folder.parent / "marpipe_handler.py", *sorted(folder.glob("*.py"))]:
         tree = ast.parse(path.read_text())
         top, anywhere = set(), set()
@@ -248,24 +238,28 @@ def test_npz_read_and_written_without_zipfile_as_numpy_does(arrays: dict) -> Non
             assert z[k].dtype == v.dtype and z[k].shape == v.shape and np.array_equal(z[k], v)
 
 
+def _parse(body: bytes, ctype: str):
+    return codecs.parse_json_or_npz(body, ctype, "body")
+
+
 def test_npz_bodies_numpy_must_read_and_broken_ones() -> None:
     buf = io.BytesIO()
     np.savez_compressed(buf, x=np.ones((2, 4), np.float32))
     assert npz._read_stored_npz(buf.getvalue()) is None  # compressed: numpy's reader
-    assert np.array_equal(codecs.parse_body(buf.getvalue(), codecs.NPZ)["x"], np.ones((2, 4)))
+    assert np.array_equal(_parse(buf.getvalue(), codecs.NPZ)["x"], np.ones((2, 4)))
 
     buf = io.BytesIO()
     np.savez(buf, x=np.ones((2, 4), np.float32))
     body = bytearray(buf.getvalue())
     body[-200] ^= 0xFF  # inside the data: the CRC no longer matches
     with pytest.raises(BadRequest, match="CRC"):
-        codecs.parse_body(bytes(body), codecs.NPZ)
+        _parse(bytes(body), codecs.NPZ)
     with pytest.raises(BadRequest, match="not a readable .npz"):
-        codecs.parse_body(buf.getvalue()[:-30], codecs.NPZ)  # truncated
+        _parse(buf.getvalue()[:-30], codecs.NPZ)  # truncated
     buf = io.BytesIO()
     np.savez(buf, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(BadRequest, match="not a readable .npz"):
-        codecs.parse_body(buf.getvalue(), codecs.NPZ)  # pickled objects are never loaded
+        _parse(buf.getvalue(), codecs.NPZ)  # pickled objects are never loaded
 
 
 def test_a_small_model_is_served_with_one_thread_and_a_large_one_keeps_them(served, monkeypatch) -> None:
@@ -307,9 +301,9 @@ def test_hostile_npz_bodies_are_refused_before_the_work() -> None:
         return body[:cd_pos] + entry * n + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, n, n, cd_size * n, cd_pos, 0)
 
     with pytest.raises(BadRequest, match="entries overlap"):
-        codecs.parse_body(copies(50), codecs.NPZ)
+        _parse(copies(50), codecs.NPZ)
     with pytest.raises(BadRequest, match="entries"):
-        codecs.parse_body(copies(npz.MAX_NPZ_ENTRIES + 1), codecs.NPZ)
+        _parse(copies(npz.MAX_NPZ_ENTRIES + 1), codecs.NPZ)
     named = npz.write_npz({"größe": np.ones(2)})  # a non-ASCII name says it is UTF-8, as zipfile does
     with np.load(io.BytesIO(named)) as z:
         assert z.files == ["größe"]

@@ -25,12 +25,41 @@ _NPY_DICT = re.compile(
 )
 
 
+MAX_DECODED = 256 << 20  # bytes one request's arrays may decompress to: compressed bodies can be bombs
+
+
 def read_npz(body: bytes) -> dict[str, np.ndarray]:
     arrays = _read_stored_npz(body)
     if arrays is None:
+        _check_sizes(body)
         with np.load(io.BytesIO(body), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     return arrays
+
+
+def _check_sizes(body: bytes) -> None:
+    """Before numpy allocates anything: every entry's declared array fits in what the entry holds, and all of
+    them together in MAX_DECODED (a header may declare 2**40 elements; a deflated entry may be a zip bomb)."""
+    import zipfile
+
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        infos = z.infolist()
+        if len(infos) > MAX_NPZ_ENTRIES:
+            raise BadRequest(f"body is not a readable .npz ({len(infos)} entries; a request has one per input)")
+        for info in infos:
+            total += info.file_size
+            if total > MAX_DECODED:
+                raise BadRequest(f"the .npz decompresses to more than {MAX_DECODED >> 20} MiB", 413)
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f, max_header_size=10000)
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise BadRequest(
+                        f"body is not a readable .npz (entry {info.filename} declares {declared} bytes, holds {info.file_size})"
+                    )
 
 
 def _read_stored_npz(body: bytes) -> dict[str, np.ndarray] | None:

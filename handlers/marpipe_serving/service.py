@@ -1,6 +1,8 @@
-"""TorchServe's entry point: each request decoded on its own, compatible requests batched, answers encoded.
+"""TorchServe's entry point: decode → batch → predict → encode.
 
-A malformed request gets its 4xx and ``{"error": ...}``; it never fails the other requests of its batch.
+Each request is decoded on its own (a malformed one gets its 4xx and ``{"error": ...}``), requests whose shapes
+agree run in one forward pass (a text model's rows are padded to the longest instead), and each answer is
+encoded on its own (a failing encode hook is that request's 500). Nothing one request holds fails another.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .codecs import encode, header, parse_body, to_arrays
+from . import codecs
+from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, fit_threads, load_runner, thread_count, timing_batch
 
@@ -32,6 +35,7 @@ class Service:
         serve = self.meta.get("serve", {})
         threads = thread_count(int(serve.get("max_workers", 1)))
         torch.set_num_threads(threads)
+        self.contract = Contract(self.meta, model_dir)
         self.runner = load_runner(model_dir, self.meta, device, gpu_id, threads)
         why = ""
         if device == "cpu" and threads > 1 and not os.environ.get("MARPIPE_THREADS"):
@@ -43,55 +47,90 @@ class Service:
 
     def handle(self, data: list, context: Any) -> list:
         results: list[Any] = [None] * len(data)
-        decoded: dict[int, dict[str, np.ndarray]] = {}
+        requests: dict[int, codecs.Request] = {}
         for i, row in enumerate(data):
             try:
-                body = row.get("body") if row.get("body") is not None else row.get("data")
-                if body is None:
-                    raise BadRequest("empty request body")
-                decoded[i] = to_arrays(parse_body(body, header(context, i, "content-type")), self.meta)
+                if not isinstance(row, dict):
+                    raise BadRequest("empty request")
+                requests[i] = codecs.decode(row, context, i, self.contract)
             except BadRequest as exc:
-                results[i] = self._error(context, i, exc.status, str(exc))
-        for group in _groups(decoded, self.meta["inputs"]):
-            self._run_group(group, decoded, results, context)
+                results[i] = error(context, i, exc.status, str(exc))
+        for group in groups(requests, self.contract):
+            self._run_group(group, requests, results, context)
         return results
 
-    def _run_group(self, group: list[int], decoded: dict, results: list, context: Any) -> None:
-        names = [t["name"] for t in self.meta["inputs"]]
-        batch = {n: np.concatenate([decoded[i][n] for i in group]) for n in names}
+    def _run_group(self, group: list[int], requests: dict[int, codecs.Request], results: list, context: Any) -> None:
+        batch, widths = concat([requests[i].arrays for i in group], self.contract)
         try:
             outputs = self.runner(batch)
         except Exception as exc:
             if len(group) > 1:  # find the request that broke it; the others still get answers
                 for i in group:
-                    self._run_group([i], decoded, results, context)
+                    self._run_group([i], requests, results, context)
                 return
             log.exception("marpipe: inference failed")
-            results[group[0]] = self._error(context, group[0], 500, f"inference failed: {type(exc).__name__}: {exc}")
+            results[group[0]] = error(context, group[0], 500, f"inference failed: {type(exc).__name__}: {exc}")
             return
+        trim = self._padded_axes()
         start = 0
-        for i in group:
-            rows = len(decoded[i][names[0]])
-            mine = {k: v[start : start + rows] for k, v in outputs.items()}
+        for i, width in zip(group, widths):
+            request = requests[i]
+            rows = len(next(iter(request.arrays.values())))
+            mine = {}
+            for name, value in outputs.items():
+                part = value[start : start + rows]
+                for axis in trim.get(name, ()):
+                    part = part[(slice(None),) * axis + (slice(0, width),)]
+                mine[name] = part
             start += rows
-            body, ctype = encode(mine, header(context, i, "accept"))
+            try:
+                body, ctype = codecs.encode(mine, request, self.contract)
+            except Exception as exc:  # a user encode hook, or an output JSON cannot hold: this request alone
+                log.exception("marpipe: encoding the answer failed")
+                results[i] = error(context, i, 500, f"encoding the answer failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
             context.set_response_content_type(i, ctype)
             results[i] = body
 
-    @staticmethod
-    def _error(context: Any, idx: int, status: int, message: str) -> str:
-        context.set_response_status(status, message[:200], idx)
-        context.set_response_content_type(idx, "application/json")
-        return json.dumps({"error": message})
+    def _padded_axes(self) -> dict[str, list[int]]:
+        """Output axes that follow the padded dim (a text model's per-token outputs): trimmed back per request."""
+        dim = self.contract.pad_dim
+        if dim is None:
+            return {}
+        return {o["name"]: [a for a, d in enumerate(o.get("shape") or []) if d == dim] for o in self.meta["outputs"]}
 
 
-def _groups(decoded: dict[int, dict[str, np.ndarray]], specs: list[dict]) -> list[list[int]]:
-    """Requests whose non-batch shapes agree can share one forward pass."""
-    groups: dict[tuple, list[int]] = {}
-    for i, arrays in decoded.items():
-        key = tuple(arrays[t["name"]].shape[1:] for t in specs)
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+def error(context: Any, idx: int, status: int, message: str) -> str:
+    context.set_response_status(status, message[:200], idx)
+    context.set_response_content_type(idx, "application/json")
+    return json.dumps({"error": message})
+
+
+def groups(requests: dict[int, codecs.Request], contract: Contract) -> list[list[int]]:
+    """Requests whose non-batch shapes agree share one forward pass; the padded dim does not count."""
+    pad = contract.pad_dim
+    out: dict[tuple, list[int]] = {}
+    for i, request in requests.items():
+        key = tuple(tuple(s for s, d in zip(request.arrays[t["name"]].shape[1:], t["shape"][1:]) if d != pad) for t in contract.inputs)
+        out.setdefault(key, []).append(i)
+    return list(out.values())
+
+
+def concat(arrays: list[dict[str, np.ndarray]], contract: Contract) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The group's rows as one batch, padded along the padded dim; and each request's own width along it."""
+    from .text import pad
+
+    pad_dim = contract.pad_dim
+    widths = [0] * len(arrays)
+    batch = {}
+    for t in contract.inputs:
+        parts = [a[t["name"]] for a in arrays]
+        axes = [k for k, d in enumerate(t["shape"]) if d == pad_dim]
+        for axis in axes:
+            widths = [p.shape[axis] for p in parts]
+            parts = pad(parts, axis, contract.pad_value(t["name"]))
+        batch[t["name"]] = np.concatenate(parts)  # a copy even of one: npz inputs are read-only views of the body
+    return batch, widths
 
 
 _service: Service | None = None

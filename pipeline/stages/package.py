@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 from contextlib import AbstractContextManager
@@ -11,17 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline import archive
+from pipeline import archive, samples
 from pipeline.errors import SpecError
-from pipeline.spec import Spec
+from pipeline.spec import Spec, TensorSpec
 from pipeline.stages.export import ARTIFACTS, Exported
 from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
+TOKENIZER = "tokenizer.json"
 SERVING = HANDLER.parent / "marpipe_serving"  # the handler's package: travels beside it in every archive
 RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name, SERVING.name}
-RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors"}
+RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors", TOKENIZER, samples.INDEX, "parity_requests"}
 
 
 @dataclass
@@ -54,6 +56,12 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
     if spec.serve.handler is not None:
         files[HANDLER.name] = HANDLER  # a user handler may import ours
     files.update(handler_package())
+    if spec.text:
+        files[TOKENIZER] = spec.text.tokenizer
+    if spec.serve.hooks:
+        if spec.serve.hooks.name in files or spec.serve.hooks.name in RESERVED:
+            raise SpecError(f"{spec.source}: serve.hooks: {spec.serve.hooks.name!r} clashes with another archive entry; rename it")
+        files[spec.serve.hooks.name] = spec.serve.hooks
     for i, extra in enumerate(spec.serve.extra_files):
         if extra.name in files or extra.name in RESERVED:
             raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
@@ -82,11 +90,12 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "format": exported.format,
         "artifact": exported.files[0].name,
         "architecture": {"file": spec.architecture.file.name, "class": spec.architecture.class_name, "kwargs": spec.architecture.kwargs},
-        "inputs": [
-            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None} for t in spec.inputs
-        ],
-        "outputs": [dict(zip(("name", "atol", "rtol"), (n, *spec.tolerance(n)))) for n in exported.output_names],
+        "inputs": [_input(t) for t in spec.inputs],
+        "outputs": [_output(spec, n) for n in exported.output_names],
         "dims": {k: list(v) for k, v in spec.dims.items()},
+        "dim_max": dict(spec.dim_max),
+        "text": {"tokenizer": TOKENIZER, "max_length": spec.text.max_length} if spec.text else None,
+        "hooks": spec.serve.hooks.name if spec.serve.hooks else None,
         "checkpoint": dict(
             loaded.summary(),
             path=spec.checkpoint.path.name,
@@ -106,6 +115,36 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         },
         "versions": versions(),
     }
+
+
+def _input(t: TensorSpec) -> dict[str, Any]:
+    record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None}
+    if t.image:
+        record["image"] = t.image.record()
+    return record
+
+
+def _output(spec: Spec, name: str) -> dict[str, Any]:
+    atol, rtol = spec.tolerance(name)
+    record: dict[str, Any] = {"name": name, "atol": atol, "rtol": rtol}
+    labels = next((o.labels for o in spec.outputs or () if o.name == name and o.labels), None)
+    if labels:
+        names = labels.names if labels.names is not None else _config_labels(spec)
+        record["labels"] = {"names": list(names), "topk": labels.topk, "activation": labels.activation}
+    return record
+
+
+def _config_labels(spec: Spec) -> tuple[str, ...]:
+    """`labels: from_config`: a Hugging Face config's id2label, in index order."""
+    folder = getattr(spec.architecture, "transformers", None)
+    config = None if folder is None else (folder if folder.is_file() else folder / "config.json")
+    if config is None or not config.is_file():
+        raise SpecError(f"{spec.source}: outputs: labels: from_config needs architecture.transformers (a config.json with id2label)")
+    id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+    try:
+        return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{spec.source}: outputs: labels: from_config: {config.name} has an unreadable id2label ({exc})") from None
 
 
 def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported) -> AbstractContextManager[archive.Draft]:
@@ -144,7 +183,10 @@ def run(
     for name, arrays in (("parity_inputs.npz", parity.reference_inputs), ("parity_outputs.npz", parity.reference_outputs)):
         archive.write_npz(workdir / name, arrays)
         files[name] = workdir / name
-    meta = dict(meta, parity=dict(parity.record(), versions=meta["versions"]))
+    if parity.requests:
+        files.update(samples.write(parity.requests, workdir))
+    outputs = [dict(o, shape=parity.output_shapes.get(o["name"])) for o in meta["outputs"]]
+    meta = dict(meta, outputs=outputs, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
     ahead = draft.ahead[0].filename if draft.ahead else None

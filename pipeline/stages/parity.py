@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import inputs
+from pipeline import inputs, samples
 from pipeline.errors import ParityError, SpecError
 from pipeline.spec import Spec
 from pipeline.stages.export import run_eager
@@ -54,6 +54,8 @@ class ParityResult:
     outputs: dict[str, OutputRecord]
     reference_inputs: dict[str, np.ndarray]  # one small batch, stored in the archive for `marpipe smoke`
     reference_outputs: dict[str, np.ndarray]
+    output_shapes: dict[str, list[int | str]] = field(default_factory=dict)  # e.g. ["batch", "seq", 32]
+    requests: list[samples.Sample] = field(default_factory=list)  # raw requests with the eager answers
 
     def record(self) -> dict[str, Any]:
         return {
@@ -95,6 +97,8 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
             expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
+    raw = _raw_samples(spec, model, workdir, meta, device)
+    _check_labels(spec, meta, cases[0][3])
     del model
     if release:
         loaded.release()
@@ -109,6 +113,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     records = {n: OutputRecord(*spec.tolerance(n)) for n in names}
     ref_in: dict[str, np.ndarray] = {}
     ref_out: dict[str, np.ndarray] = {}
+    cases += [(f"request {s.name}", None, s.arrays, s.expected) for s in raw]
     for label, dims, arrays, expected in cases:
         try:
             got = runner(arrays)
@@ -118,7 +123,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             continue
         for n in names:
             _compare(records[n], expected[n], got.get(n), label)
-        if not ref_in or (len(next(iter(ref_in.values()))) < 2 <= dims["batch"]):
+        if dims is not None and (not ref_in or (len(next(iter(ref_in.values()))) < 2 <= dims["batch"])):
             ref_in, ref_out = arrays, expected
     del runner
     _print(spec, records, len(cases))
@@ -129,7 +134,53 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     ]
     if failed:
         raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
-    return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out)
+    named = output_shapes([(dims, expected) for _, dims, _, expected in cases if dims is not None])
+    return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
+
+
+def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str) -> list[samples.Sample]:
+    """Sample raw requests decoded as the handler decodes them, with the eager model's answers."""
+    if not samples.needed(spec):
+        return []
+    import torch
+
+    from handlers.marpipe_serving.contract import Contract
+    from handlers.marpipe_serving.models import name_outputs
+
+    contract = Contract(meta, str(workdir))
+    names = [o["name"] for o in meta["outputs"]]
+    made = samples.make(spec, contract)
+    for s in made:
+        tensors = {t.name: torch.from_numpy(s.arrays[t.name]).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
+        s.expected = name_outputs(run_eager(spec, model, tensors), names)
+        s.answer = samples.answer(s.expected, contract)
+    return made
+
+
+def _check_labels(spec: Spec, meta: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
+    """As many labels as the output has classes per row."""
+    for i, o in enumerate(spec.outputs or ()):
+        names = next((m.get("labels") or {} for m in meta["outputs"] if m["name"] == o.name), {}).get("names")
+        if names is None:
+            continue
+        classes = int(np.prod(outputs[o.name].shape[1:], dtype=np.int64))
+        if len(names) != classes:
+            raise SpecError(f"{spec.source}: outputs[{i}].labels: {len(names)} labels for an output with {classes} values per row")
+
+
+def output_shapes(runs: list[tuple[dict[str, int], dict[str, np.ndarray]]]) -> dict[str, list[int | str]]:
+    """Each output's shape with its dynamic axes named: an axis is `d` when it equals dim d's size in every run
+    and d took several sizes; otherwise its size if fixed, else None."""
+    varying = {d for d in runs[0][0] if len({dims[d] for dims, _ in runs}) > 1} if runs else set()
+    out: dict[str, list[int | str]] = {}
+    for name, first in runs[0][1].items() if runs else ():
+        shape: list[int | str] = []
+        for axis in range(first.ndim):
+            sizes = [outputs[name].shape[axis] for _, outputs in runs]
+            named = [d for d in sorted(varying) if all(s == dims[d] for s, (dims, _) in zip(sizes, runs))]
+            shape.append(named[0] if named else sizes[0] if len(set(sizes)) == 1 else None)
+        out[name] = shape
+    return out
 
 
 def compare(expected: np.ndarray, got: np.ndarray | None, atol: float, rtol: float) -> dict[str, Any]:

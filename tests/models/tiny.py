@@ -108,3 +108,29 @@ class Noisy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc(x)
         return y + torch.rand_like(y)
+
+
+class TinyImage(nn.Module):
+    """An image classifier over [batch, 3, 16, 16]: conv, pool, five classes."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(image)).mean(dim=(2, 3)))
+
+
+class TinyText(nn.Module):
+    """A text classifier over token ids: embedding, mean over the unmasked tokens, three classes."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.fc(pooled)
