@@ -11,11 +11,13 @@ import json
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline import server as ts
 from pipeline.errors import PackageError, SpecError
+from pipeline.samples import INDEX
 from pipeline.stages.parity import compare
 
 
@@ -31,10 +33,13 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
         inputs, expected = _npz(z, "parity_inputs.npz"), _npz(z, "parity_outputs.npz")
     tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
     rows = []
-    bodies = {
-        "json": (json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode(), {"Content-Type": "application/json"}),
+    json_body = json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode()
+    bodies = {  # raw tensors in JSON too, where the archive answers with labels or an encode hook
+        "json": (json_body, {"Content-Type": "application/json", "Accept": "application/json; raw=true"}),
         "npz": (_to_npz(inputs), {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}),
     }
+    if (meta.get("hooks") or {}).get("decode"):
+        bodies = {}  # the user's decode hook reads every body: its own sample requests (below) are the check
     for transport, (body, headers) in bodies.items():
         row = {"model": name, "format": meta["format"], "transport": transport, "ok": False, "max_abs": None, "why": ""}
         code, _, answer = server.request("inference", f"/predictions/{name}", body, headers)
@@ -58,7 +63,66 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
                 why.append(f"{out}: {detail}")
         row.update(ok=not why, max_abs=worst, why="; ".join(why))
         rows.append(row)
+    return rows + check_requests(server, name, path, meta)
+
+
+def check_requests(server: ts.Server, name: str, path: Path, meta: dict) -> list[dict]:
+    """Replay the archive's raw sample requests (images, texts, a hook's samples): the raw outputs (npz) and
+    the JSON answer (labels, the encode hook) must match what the eager model gave through the same decoding."""
+    with zipfile.ZipFile(path) as z:
+        if INDEX not in z.namelist():
+            return []
+        index = json.loads(z.read(INDEX))
+        bodies = {s["name"]: z.read(s["body"]) for s in index}
+        expected = {s["name"]: _npz(z, s["outputs"]) for s in index}
+    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    atol, rtol = max(t[0] for t in tolerances.values()), max(t[1] for t in tolerances.values())
+    rows = []
+    for sample in index:
+        row = {"model": name, "format": meta["format"], "transport": sample["name"], "ok": False, "max_abs": None, "why": ""}
+        headers = {"Content-Type": sample["content_type"]}
+        code, _, raw = server.request(
+            "inference", f"/predictions/{name}", bodies[sample["name"]], dict(headers, Accept="application/x-npz")
+        )
+        code2, _, answer = server.request("inference", f"/predictions/{name}", bodies[sample["name"]], headers)
+        if code != 200 or code2 != 200:
+            text = (raw if code != 200 else answer)[:160].decode(errors="replace")
+            row["why"] = f"HTTP {code if code != 200 else code2}: {text}"
+            rows.append(row)
+            continue
+        try:
+            got, doc = _npz_bytes(raw), json.loads(answer)
+        except (ValueError, KeyError, TypeError) as exc:
+            row["why"] = f"unreadable answer: {exc}"
+            rows.append(row)
+            continue
+        worst, why = 0.0, []
+        for out, ref in expected[sample["name"]].items():
+            result = compare(ref, got.get(out), *tolerances[out])
+            worst = max(worst, result.get("max_abs", float("inf")))
+            if not result["ok"]:
+                why.append(f"{out}: " + (result.get("why") or f"max abs {result['max_abs']:.3g}"))
+        mismatch = json_mismatch(sample["answer"], doc, atol, rtol)
+        if mismatch:
+            why.append(f"JSON answer: {mismatch}")
+        row.update(ok=not why, max_abs=worst, why="; ".join(why))
+        rows.append(row)
     return rows
+
+
+def json_mismatch(want: Any, got: Any, atol: float, rtol: float, where: str = "") -> str:
+    """Where two JSON answers differ ("" when they agree): numbers within atol + rtol·|want|, the rest equal."""
+    if isinstance(want, bool) or isinstance(got, bool) or not (isinstance(want, (int, float)) and isinstance(got, (int, float))):
+        if isinstance(want, dict) and isinstance(got, dict):
+            if sorted(want) != sorted(got):
+                return f"{where or 'answer'}: keys {sorted(got)} vs {sorted(want)}"
+            return next((m for k in want if (m := json_mismatch(want[k], got[k], atol, rtol, f"{where}.{k}"))), "")
+        if isinstance(want, list) and isinstance(got, list):
+            if len(want) != len(got):
+                return f"{where or 'answer'}: {len(got)} items vs {len(want)}"
+            return next((m for i, (a, b) in enumerate(zip(want, got)) if (m := json_mismatch(a, b, atol, rtol, f"{where}[{i}]"))), "")
+        return "" if want == got else f"{where or 'answer'}: {str(got)[:40]} vs {str(want)[:40]}"
+    return "" if abs(got - want) <= atol + rtol * abs(want) else f"{where}: {got:.6g} vs {want:.6g}"
 
 
 def _to_npz(arrays: dict[str, np.ndarray]) -> bytes:

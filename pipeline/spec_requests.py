@@ -189,13 +189,10 @@ def hooks(r: Reader, value: Any) -> Path | None:
     path = r.file(value, "serve.hooks")
     if path.suffix != ".py":
         raise r.fail("serve.hooks", f"expected a Python file (.py), got {value}")
-    import ast
-
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        defined = hook_functions(path)
     except SyntaxError as exc:
         raise r.fail("serve.hooks", f"{value}: syntax error at line {exc.lineno}: {exc.msg}") from None
-    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     if not defined & {"decode", "encode"}:
         raise r.fail("serve.hooks", f"{value} defines neither decode(body, content_type) nor encode(outputs)")
     if "decode" in defined and "samples" not in defined:
@@ -205,3 +202,11 @@ def hooks(r: Reader, value: Any) -> Path | None:
             "so that parity checks the model through your decoding",
         )
     return path
+
+
+def hook_functions(path: Path) -> set[str]:
+    """The top-level functions a hooks file defines, found without running it."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}

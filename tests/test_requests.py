@@ -75,8 +75,11 @@ def test_raw_tensors_on_request(built) -> None:
     out, _ = _call(
         built,
         "image",
-        [{"body": png, "raw": b"true"}, {"body": png}],
-        [{"Content-Type": "image/png"}, {"Accept": "application/x-npz", "Content-Type": "image/png"}],
+        [{"body": png}, {"body": png}],
+        [
+            {"Content-Type": "image/png", "Accept": "application/json; raw=true"},
+            {"Accept": "application/x-npz", "Content-Type": "image/png"},
+        ],
     )
     expected = eager_image(project, preprocess(png))
     np.testing.assert_allclose(json.loads(out[0])["outputs"]["logits"], expected, atol=1e-5)
@@ -274,3 +277,75 @@ def test_a_wrong_label_count_is_a_spec_error(tmp_path: Path) -> None:
     (project.root / "labels.json").write_text(json.dumps(["cat", "dog"]))
     result = project.build(specs["image"])
     assert result.returncode == 2 and "outputs[0].labels: 2 labels for an output with 5 values per row" in result.stderr
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    return st.recursive(leaves, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=40)
+
+
+def _bodies():
+    """Bytes of every kind a client (or an attacker) could send: noise, JSON of any shape, our request forms with
+    random values inside, v2 with random datatypes and shapes, npz and images with flipped bytes."""
+    from hypothesis import strategies as st
+
+    values = _json_values()
+    v2_tensor = st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(["x", "seq", "image", "q"]),
+            "datatype": st.sampled_from(["FP32", "INT64", "BOOL", "BYTES", "UINT8", "X"]),
+        },
+        optional={"shape": st.lists(st.integers(-2, 1 << 33), max_size=4), "data": values},
+    )
+    forms = st.one_of(
+        st.binary(max_size=400),
+        values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.sampled_from(["x", "seq", "image", "text", "input_ids", "attention_mask"]), values, max_size=3).map(
+            lambda d: json.dumps({"inputs": d}).encode()
+        ),
+        st.lists(v2_tensor, min_size=1, max_size=3).map(lambda t: json.dumps({"inputs": t}).encode()),
+        st.tuples(st.sampled_from([_npz_body(), picture("PNG"), picture("JPEG")]), st.integers(0, 10_000), st.integers(0, 255)).map(
+            lambda t: t[0][: t[1] % len(t[0])] + bytes([t[2]]) + t[0][t[1] % len(t[0]) + 1 :]
+        ),
+    )
+    return forms
+
+
+def _npz_body() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.ones((1, 4), np.float32), seq=np.zeros((1, 2, 4), np.float32))
+    return buf.getvalue()
+
+
+def test_fuzz_every_body_gets_an_answer_of_its_own(built) -> None:
+    """Property: whatever the body and content type, decoding either succeeds with arrays the model can take or
+    raises BadRequest with a 4xx; nothing else escapes (which would fail the whole batch)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from handlers.marpipe_serving import codecs
+    from handlers.marpipe_serving.errors import BadRequest
+
+    contracts = {name: built[1][name][0].contract for name in ("image", "text", "two", "hooks")}
+    ctypes = ["", "application/json", "application/x-npz", "image/png", "image/jpeg", "text/plain", "application/octet-stream", "text/csv"]
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(body=_bodies(), ctype=st.sampled_from(ctypes), name=st.sampled_from(sorted(contracts)))
+    def decode_one(body: bytes, ctype: str, name: str) -> None:
+        contract = contracts[name]
+        try:
+            request = codecs.decode({"body": body}, FakeContext(Path("."), [{"Content-Type": ctype}]), 0, contract)
+        except BadRequest as exc:
+            assert 400 <= exc.status < 500 and str(exc)
+            outcomes[exc.status] = outcomes.get(exc.status, 0) + 1
+            return
+        outcomes[200] = outcomes.get(200, 0) + 1
+        assert set(request.arrays) == set(contract.names)
+        assert all(isinstance(a, np.ndarray) and len(a) for a in request.arrays.values())
+
+    outcomes: dict[int, int] = {}
+    decode_one()
+    print("fuzzed request outcomes by status:", dict(sorted(outcomes.items())))
+    assert len(outcomes) >= 2  # the strategies reach both accepted and refused bodies

@@ -12,8 +12,8 @@ becomes a `Request`: the named arrays to run, and how to answer. Forms, by what 
   Inference Protocol v2 form ``{"inputs": [{"name", "shape", "datatype", "data"}]}``.
 
 Answers: npz when the request accepts ``application/x-npz``; v2 for v2 requests; the user's ``encode`` hook;
-otherwise ``{"outputs": {name: nested list, or labels with scores}}``. ``?raw=true`` asks for raw tensors in
-JSON even where the archive answers with labels or a hook.
+otherwise ``{"outputs": {name: nested list, or labels with scores}}``. ``Accept: application/json; raw=true``
+asks for raw tensors in JSON even where the archive answers with labels or a hook.
 """
 
 from __future__ import annotations
@@ -76,16 +76,21 @@ def decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> R
 
 
 def _decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> Request:
-    raw = _flag(row.get("raw"))
-    npz = NPZ in header(context, idx, "accept")
+    accept = header(context, idx, "accept").lower()
+    npz, raw = NPZ in accept, _raw(accept)
     body = row.get("body") if row.get("body") is not None else row.get("data")
     ctype = header(context, idx, "content-type").split(";")[0].strip().lower()
     if contract.hooks is not None and hasattr(contract.hooks, "decode"):
         return Request(_hook_decode(contract, body, ctype), npz, raw)
     if body is None:
-        parts = {k: v for k, v in row.items() if k not in ("raw", "body", "data")}
+        parts = {k: v for k, v in row.items() if k not in ("body", "data")}
         if not parts:
             raise BadRequest("empty request body")
+        if ctype == "application/x-www-form-urlencoded" and not set(parts) <= {*contract.names, "text"}:
+            raise BadRequest(
+                "the body arrived as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl -d sends "
+                "by default): send it with Content-Type: application/json"
+            )
         types = {k: header(context, idx, "content-type", part=k) for k in parts}
         return Request(contract.from_parts(parts, types), npz, raw)
     if isinstance(body, (bytes, bytearray)):
@@ -143,10 +148,9 @@ def _is_npz(body: Any, ctype: str) -> bool:
     return isinstance(body, (bytes, bytearray)) and (NPZ in ctype or body[:4] == b"PK\x03\x04")
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    return str(value).strip().lower() in ("1", "true", "yes") if value is not None else False
+def _raw(accept: str) -> bool:
+    """`Accept: application/json; raw=true`: the outputs as tensors, whatever labels or hooks the archive has."""
+    return any(p.replace(" ", "") in ("raw=true", "raw=1") for media in accept.split(",") for p in media.split(";")[1:])
 
 
 def _text(body: bytes) -> str:

@@ -37,7 +37,7 @@ class Contract:
         if meta.get("hooks"):
             from . import hooks
 
-            self.hooks = hooks.load(model_dir, meta["hooks"])
+            self.hooks = hooks.load(model_dir, meta["hooks"]["file"])
 
     @property
     def pad_dim(self) -> str | None:

@@ -15,6 +15,7 @@ import pipeline
 from pipeline import archive, samples
 from pipeline.errors import SpecError
 from pipeline.spec import Spec, TensorSpec
+from pipeline.spec_requests import hook_functions
 from pipeline.stages.export import ARTIFACTS, Exported
 from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
@@ -95,7 +96,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "dims": {k: list(v) for k, v in spec.dims.items()},
         "dim_max": dict(spec.dim_max),
         "text": {"tokenizer": TOKENIZER, "max_length": spec.text.max_length} if spec.text else None,
-        "hooks": spec.serve.hooks.name if spec.serve.hooks else None,
+        "hooks": _hooks(spec.serve.hooks) if spec.serve.hooks else None,
         "checkpoint": dict(
             loaded.summary(),
             path=spec.checkpoint.path.name,
@@ -122,6 +123,11 @@ def _input(t: TensorSpec) -> dict[str, Any]:
     if t.image:
         record["image"] = t.image.record()
     return record
+
+
+def _hooks(path: Path) -> dict[str, Any]:
+    defined = hook_functions(path)
+    return {"file": path.name, "decode": "decode" in defined, "encode": "encode" in defined}
 
 
 def _output(spec: Spec, name: str) -> dict[str, Any]:
