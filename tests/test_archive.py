@@ -32,7 +32,7 @@ def _entries(archive: Path) -> dict[str, bytes]:
 def test_archive_contents(linear_project: Project) -> None:
     assert linear_project.build(linear_project.spec(version="2.1")).returncode == 0
     entries = _entries(linear_project.store / "tiny.mar")
-    serving = [f"marpipe_serving/{m}.py" for m in ("__init__", "codecs", "errors", "models", "npz", "service")]
+    serving = sorted(f"marpipe_serving/{p.name}" for p in (ROOT / "handlers" / "marpipe_serving").glob("*.py"))
     assert list(entries) == [
         "marpipe_handler.py",
         *serving,

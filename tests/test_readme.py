@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -40,3 +41,17 @@ def test_readme_commands_exist() -> None:
     targets = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout
     for target in ("build", "test", "smoke", "serve", "clean", "setup", "bench"):
         assert f"make {target}" in targets and f"make {target}" in README or target in ("clean", "setup", "bench")
+
+
+def test_readme_request_keys_block_is_accepted(linear_project: Project) -> None:
+    """The image/labels/hooks keys as the README shows them parse, with the files they name."""
+    block = re.search(r"### Images, text, labels, hooks \(spec keys\).*?```yaml\n(.*?)```", README, re.S).group(1)
+    doc = yaml.safe_load(block)
+    root = linear_project.root
+    (root / "labels.json").write_text(json.dumps([f"class {i}" for i in range(1000)]))
+    (root / "hooks.py").write_text("def encode(outputs):\n    return {k: v.tolist() for k, v in outputs.items()}\n")
+    spec = {"name": "readme", "architecture": {"file": "models/tiny.py", "class": "Linear"}, "checkpoint": {"path": "tiny.pth"}, **doc}
+    path = root / "readme_requests.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    parsed = load_spec(path)
+    assert parsed.inputs[0].image.crop == 224 and parsed.outputs[0].labels.topk == 5 and parsed.serve.hooks.name == "hooks.py"

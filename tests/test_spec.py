@@ -13,7 +13,7 @@ from pipeline.spec import load_spec
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["simplenet", "cnn", "text"])
+@pytest.mark.parametrize("name", ["simplenet", "cnn", "text", "cifar"])
 def test_examples_parse(name: str) -> None:
     spec = load_spec(EXAMPLES / f"{name}.yaml")
     assert spec.name == name
