@@ -309,3 +309,37 @@ def test_hostile_npz_bodies_are_refused_before_the_work() -> None:
         assert z.files == ["größe"]
     assert list(npz.read_npz(named)) == ["größe"]
     assert npz._NPY_DICT.fullmatch("{'descr': '<f4', 'fortran_order': False, 'shape': (1 2,), }") is None  # numpy refuses it too
+
+
+JSON_CASES = [
+    b'{"inputs": {"x": [[1.5, 2, 3, 4]]}}',
+    b'{"inputs": {"x": [[true, false, 1, 2.5]]}}',
+    b'{"inputs": {"x": [[1e300, 0, 0, 0]]}}',  # overflows float32: 400 either way
+    b'{"inputs": {"x": [[1, 2, 3, 4], [1, 2]]}}',  # ragged
+    b'{"inputs": {"x": [[1, 2, 3, null]]}}',
+    b'{"inputs": {"x": [["1", 2, 3, 4]]}}',
+    b'{"inputs": {"x": [[NaN, 2, 3, 4]]}}',  # not JSON, but Python's json reads it: still accepted
+    b'{"inputs": {"x": [[[1, 2, 3, 4]]]}}',
+    b"[[1, 2, 3, 4]]",
+]
+
+
+@pytest.mark.parametrize("body", JSON_CASES)
+def test_json_fast_path_answers_exactly_like_the_general_one(body: bytes) -> None:
+    """orjson and the dtype-given conversion (when only numbers can be inside) give the arrays and the 400s that
+    the standard library and numpy's inference give."""
+    import json as stdlib_json
+
+    contract = _contract([{"name": "x", "shape": ["batch", 4], "dtype": "float32", "range": None}])
+
+    def outcome(fn):
+        try:
+            return fn()["x"].tolist()
+        except BadRequest as exc:
+            return (exc.status, str(exc))
+
+    fast = outcome(
+        lambda: codecs.decode({"body": body}, FakeContext(Path("."), [{"Content-Type": "application/json"}]), 0, contract).arrays
+    )
+    slow = outcome(lambda: contract.from_json(stdlib_json.loads(body)))
+    assert fast == slow or (np.isnan(fast).any() and np.isnan(slow).any()), (fast, slow)

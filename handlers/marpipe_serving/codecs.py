@@ -106,7 +106,7 @@ def _decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> 
     if v2.is_v2(payload):
         tensors, reply = v2.decode(payload, contract.meta)
         return Request(contract.check(tensors), False, True, reply)
-    return Request(contract.from_json(payload), npz, raw)
+    return Request(contract.from_json(payload, numeric_only(body, payload)), npz, raw)
 
 
 def parse_json_or_npz(body: Any, ctype: str, what: str) -> Any:
@@ -131,6 +131,15 @@ def parse_json_or_npz(body: Any, ctype: str, what: str) -> Any:
     return body  # TorchServe decoded the JSON already
 
 
+def numeric_only(body: Any, payload: Any) -> bool:
+    """True when a JSON body's only strings are the keys of its top two levels (so every value is a number,
+    boolean or list of them: no string, no nested object) and it has no null: each string has two quotes."""
+    if not isinstance(body, (bytes, bytearray)) or not isinstance(payload, dict) or b"null" in body:
+        return False
+    keys = len(payload) + sum(len(v) for v in payload.values() if isinstance(v, dict))
+    return body.count(b'"') == 2 * keys
+
+
 def loads(data: bytes) -> Any:
     """JSON with orjson when the inference image has it (several times faster on big nested lists), else json."""
     global _loads
@@ -141,7 +150,12 @@ def loads(data: bytes) -> Any:
             _loads = orjson.loads
         except ImportError:
             _loads = json.loads
-    return _loads(data)
+    try:
+        return _loads(data)
+    except ValueError:
+        if _loads is json.loads:
+            raise
+        return json.loads(data)  # what orjson refuses but the standard library reads (NaN, Infinity) stays accepted
 
 
 def _is_npz(body: Any, ctype: str) -> bool:

@@ -49,7 +49,7 @@ class Contract:
 
     # ------------------------------------------------------------ request forms
 
-    def from_json(self, payload: Any) -> dict[str, np.ndarray]:
+    def from_json(self, payload: Any, numeric: bool = False) -> dict[str, np.ndarray]:
         """``{"inputs": {name: value}}`` (or a bare value for a one-input model); a text model also takes
         ``{"inputs": {"text": "..." | [...]}}``; an image input also takes ``{"b64": ...}`` or a list of them."""
         if isinstance(payload, dict) and "inputs" in payload and self.names != ["inputs"]:
@@ -66,7 +66,7 @@ class Contract:
         if not isinstance(payload, dict):
             names = ", ".join(self.names)
             raise BadRequest(f'expected {{"inputs": {{{names}: [...]}}}}, got {type(payload).__name__}')
-        return self.check(payload)
+        return self.check(payload, numeric)
 
     def from_image(self, body: bytes) -> dict[str, np.ndarray]:
         """A raw image body: one row of the model's one image input."""
@@ -98,8 +98,11 @@ class Contract:
 
     # ------------------------------------------------------------ checks
 
-    def check(self, payload: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Check values against the declared inputs; cast safely; tokenize text; decode base64 images."""
+    def check(self, payload: dict[str, Any], numeric: bool = False) -> dict[str, np.ndarray]:
+        """Check values against the declared inputs; cast safely; tokenize text; decode base64 images.
+
+        `numeric`: the caller knows the values hold only numbers and booleans (no strings, no nulls), so a float
+        input's nested lists may be converted with their dtype given (twice as fast on an image)."""
         payload = dict(payload)
         if self.text and TEXT_KEY in payload and TEXT_KEY not in self.by_name:
             given = sorted(set(payload) & set(self.text.fields))
@@ -118,7 +121,7 @@ class Contract:
             value = payload[t["name"]]
             if t["name"] in self.images:
                 value = self._b64_images(t, value)
-            arrays[t["name"]] = self._array(t, value, sizes)
+            arrays[t["name"]] = self._array(t, value, sizes, numeric)
         if self.max_rows and sizes["batch"] > self.max_rows:
             raise BadRequest(f"{sizes['batch']} rows in one request; at most {self.max_rows} are allowed (serve.max_rows)", 413)
         for dim, limit in self.dim_max.items():
@@ -142,10 +145,17 @@ class Contract:
             out.append(images.preprocess(data, self.images[t["name"]], t["name"], t["shape"]))
         return np.stack(out)
 
-    def _array(self, t: dict, value: Any, sizes: dict[str, int]) -> np.ndarray:
+    def _array(self, t: dict, value: Any, sizes: dict[str, int], numeric: bool = False) -> np.ndarray:
         name, shape = t["name"], t["shape"]
+        arr = None
+        if numeric and isinstance(value, list) and np_dtype(t["dtype"]).kind == "f":
+            try:  # float64 first: the cast below still checks for overflow of the declared dtype
+                arr = np.array(value, dtype=np.float64)
+            except (ValueError, TypeError, RecursionError):
+                arr = None  # ragged, or deeper than numpy goes: the general path says which
         try:
-            arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if arr is None:
+                arr = value if isinstance(value, np.ndarray) else np.asarray(value)
         except (ValueError, TypeError, RecursionError) as exc:
             raise BadRequest(f"input {name!r}: not a rectangular array of numbers ({str(exc)[:200]})") from None
         if arr.dtype.kind not in "biuf":
@@ -169,7 +179,8 @@ def cast(name: str, arr: np.ndarray, dtype: str, rng: list | None) -> np.ndarray
     target = np.dtype(np_dtype(dtype))
     kind = arr.dtype.kind
     if target.kind == "f":
-        out = arr.astype(target, copy=False)
+        with np.errstate(over="ignore"):  # overflow is reported just below, as the client's 400
+            out = arr.astype(target, copy=False)
         if kind == "f" and out.dtype != arr.dtype and not np.isfinite(out[np.isfinite(arr)]).all():
             raise BadRequest(f"input {name!r}: values overflow {dtype}")
         return out
