@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickletools
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +72,31 @@ def load_torch(path: Path, extras: list[str], mmap: bool) -> Any:
     """torch.load(weights_only=True), with every non-torch global replaced by an inert stub; CheckpointError otherwise."""
     import torch
 
-    unsafe = _unsafe_globals(path)
-    if unsafe:
-        _refuse_unsafe(path, unsafe)
-    try:
+    with warnings.catch_warnings():
+        # torch warns on stderr about pickle protocols it may not read; the error below says it in one line
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        unsafe = _unsafe_globals(path)
         if unsafe:
-            # Every global outside torch's allowlist becomes an inert stub: nothing in the file is called.
-            stubs = [(_stand_in(name), name) for name in unsafe]
-            extras.extend(unsafe)
-            with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many kinds here; all mean "this file is not loadable"
-        raise CheckpointError(f"checkpoint {path}: {_explain_torch_error(exc)}") from None
+            _refuse_unsafe(path, unsafe)
+        try:
+            if unsafe:
+                # Every global outside torch's allowlist becomes an inert stub: nothing in the file is called.
+                stubs = [(_stand_in(name), name) for name in unsafe]
+                extras.extend(unsafe)
+                with torch.serialization.safe_globals(stubs):
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as exc:  # torch raises many kinds here; all mean "this file is not loadable"
+            raise CheckpointError(f"checkpoint {path}: {_explain_torch_error(exc)}{_legacy_hint(path)}") from None
+
+
+def _legacy_hint(path: Path) -> str:
+    """Why a legacy torch file may not load: torch's weights-only reader knows pickle protocol 2 only."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if is_legacy_torch(head) and head[1] != 2:
+        return f" (a legacy, pre-zip torch file pickled with protocol {head[1]}: re-save it with torch.save, which writes a zip)"
+    return ""
 
 
 def _unsafe_globals(path: Path) -> list[str]:
