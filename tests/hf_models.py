@@ -11,9 +11,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from make_bert import save, tiny_bert  # noqa: E402  (the example's own maker: one definition of the tiny BERT)
+from make_bert import main as make_example  # noqa: E402  (the example's own maker: one definition of the tiny BERT)
+from make_bert import save, tiny_bert  # noqa: E402
 
-__all__ = ["save", "tiny_bert", "tiny_masked_lm", "to_bin_shards", "bert_inputs"]
+__all__ = ["make_example", "save", "tiny_bert", "tiny_masked_lm", "to_bin_shards", "bert_inputs"]
 
 
 def tiny_masked_lm(seed: int = 0):
