@@ -61,10 +61,10 @@ def test_factory_class_from_torch_is_called_by_keyword(project: Project) -> None
             "inputs": [{"name": "input", "shape": ["batch", 4]}],  # forward(input): passed by keyword
         },
     )
-    result = project.build("--format", "eager,torchscript,onnx", spec)
+    result = project.build("--format", "eager,torchscript", spec)  # (ONNX by keyword: the swapped-inputs test below)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "inputs by keyword" in result.stdout
-    for fmt in ("eager", "torchscript", "onnx"):
+    for fmt in ("eager", "torchscript"):
         meta = _meta(project.store / f"linear_{fmt}.mar")
         assert meta["architecture"] == {"source": "factory", "factory": "torch.nn:Linear", "kwargs": {"in_features": 4, "out_features": 2}}
         assert meta["call"] == "keyword" and meta["requirements"] == []  # torch is the server's own
@@ -94,7 +94,7 @@ def test_factory_function_records_what_it_imports(factory_project: Project) -> N
             "serve": {"extra_files": ["models/factories.py"]},  # not an installed package: it travels in the archive
         },
     )
-    result = project.build("--format", "eager,onnx", spec, env=_env(project))
+    result = project.build("--format", "eager,torchscript", spec, env=_env(project))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "inputs by position" in result.stdout
     meta = _meta(project.store / "mlp_eager.mar")
@@ -104,7 +104,7 @@ def test_factory_function_records_what_it_imports(factory_project: Project) -> N
     with zipfile.ZipFile(project.store / "mlp_eager.mar") as z:
         assert z.read("requirements.txt").decode() == f"PyYAML=={pyyaml}\n"
         assert "factories.py" in z.namelist()
-    assert _meta(project.store / "mlp_onnx.mar")["requirements"] == []  # ONNX needs nothing of it
+    assert _meta(project.store / "mlp_torchscript.mar")["requirements"] == []  # the graph is in the artifact
 
 
 FACTORY_ERRORS = {

@@ -32,7 +32,9 @@ def _entries(archive: Path) -> dict[str, bytes]:
 def test_archive_contents(linear_project: Project) -> None:
     assert linear_project.build(linear_project.spec(version="2.1")).returncode == 0
     entries = _entries(linear_project.store / "tiny.mar")
-    serving = [f"marpipe_serving/{m}.py" for m in ("__init__", "codecs", "errors", "models", "npz", "service")]
+    serving = [
+        f"marpipe_serving/{m}.py" for m in ("__init__", "architectures", "codecs", "errors", "models", "npz", "requirements", "service")
+    ]
     assert list(entries) == [
         "marpipe_handler.py",
         *serving,
@@ -54,7 +56,8 @@ def test_archive_contents(linear_project: Project) -> None:
     }
     assert manifest["runtime"] == "python"
     meta = json.loads(entries["marpipe.json"])
-    assert meta["architecture"] == {"file": "tiny.py", "class": "Linear", "kwargs": {}}
+    assert meta["architecture"] == {"source": "file", "file": "tiny.py", "class": "Linear", "kwargs": {}}
+    assert meta["call"] == "keyword" and meta["requirements"] == []  # forward(x) takes the declared input by name; torch: the server's own
     assert meta["checkpoint"]["sha256"] == hashlib.sha256((linear_project.root / "tiny.pth").read_bytes()).hexdigest()
     assert {"torch", "marpipe"} <= set(meta["versions"])
     for name, digest in meta["files"].items():
