@@ -280,3 +280,37 @@ def test_sigterm_stops_torchserve_its_jvm_and_workers(serving) -> None:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the port still answers"
     assert "stopping TorchServe (SIGTERM)" in proc.stderr.read()
     print(f"marpipe serve stopped TorchServe in {took:.1f} s after SIGTERM; nothing left in process group {group}")
+
+
+BLOCKED = """
+import json, sys
+sys.modules["transformers"] = None  # any import of it now fails
+import numpy as np
+from marpipe_serving.models import load_runner
+from marpipe_serving.npz import read_npz
+meta = json.load(open("marpipe.json"))
+runner = load_runner(".", meta, "cpu")
+inputs = read_npz(open("parity_inputs.npz", "rb").read())
+expected = read_npz(open("parity_outputs.npz", "rb").read())
+got = runner(inputs)
+print(json.dumps({k: float(np.abs(got[k] - v).max()) for k, v in expected.items()}))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_torchscript_and_onnx_archives_need_no_transformers(project: Project, tmp_path: Path, fmt: str) -> None:
+    """Loaded as TorchServe loads them (the archive's folder on sys.path), with transformers made unimportable."""
+    import zipfile
+
+    with zipfile.ZipFile(project.root / "bert_store" / f"bert_{fmt}.mar") as z:
+        z.extractall(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert max(json.loads(result.stdout).values()) < 1e-4
