@@ -75,9 +75,7 @@ def detect_format(path: Path) -> str:
                 f"checkpoint {path}: safetensors header is cut off (declares {n} bytes, file has {size - 8}): the file is truncated"
             )
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        if is_legacy_torch(head):
-            return "torch-legacy"
-        raise raw_pickle_error(path)
+        return "torch-legacy" if is_legacy_torch(head) else "raw-pickle"  # the latter refused when read
     if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or head[2:3] == b"\x12"):
         raise CheckpointError(
             f"checkpoint {path}: this looks like an ONNX model, not a state_dict; "
@@ -221,6 +219,8 @@ def prescan(path: Path) -> None:
             fmt = detect_format(file)
         except (CheckpointError, OSError):
             return
+        if fmt == "raw-pickle":
+            return
         _prescanner = _prescanner or ThreadPoolExecutor(1, thread_name_prefix="marpipe-prescan")
         _prescans[(str(file.resolve()), st.st_size, st.st_mtime_ns)] = _prescanner.submit(scan, file, fmt)
 
@@ -240,7 +240,7 @@ def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckp
     if layout.index is not None:
         return _read_sharded(layout, expected_sha256)
     path = layout.files[0]
-    fmt = detect_format(path)
+    fmt = _readable_format(path)
     st, digest, crc = _scanned(path, fmt)
     _check_pin(path, digest, expected_sha256)
     extras: list[str] = []
@@ -254,7 +254,7 @@ def _read_sharded(layout: shards.Layout, expected_sha256: str | None) -> RawChec
     assert layout.index is not None
     index = layout.index.read_bytes()
     files = [{"name": layout.index.name, "sha256": hashlib.sha256(index).hexdigest(), "size": len(index)}]
-    kinds = {shard: detect_format(shard) for shard in layout.files}
+    kinds = {shard: _readable_format(shard) for shard in layout.files}
     for shard, fmt in kinds.items():
         st, digest, _ = _scanned(shard, fmt)
         files.append({"name": shard.name, "sha256": digest, "size": st.st_size})
@@ -272,6 +272,14 @@ def _read_sharded(layout: shards.Layout, expected_sha256: str | None) -> RawChec
     fmt = next(iter(kinds.values()))
     total = sum(f["size"] for f in files)
     return RawCheckpoint(layout.path, fmt, digest, state, ignored_extras=extras, stat=(total, 0), index=layout.index.name, shards=files)
+
+
+def _readable_format(path: Path) -> str:
+    """The format of a file marpipe reads; a raw pickle is refused here, naming what it would call."""
+    fmt = detect_format(path)
+    if fmt == "raw-pickle":
+        raise raw_pickle_error(path)
+    return fmt
 
 
 def _check_pin(path: Path, digest: str, expected: str | None) -> None:
