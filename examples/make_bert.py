@@ -45,7 +45,7 @@ def save(model, folder: Path, max_shard_size: str = "60KB") -> Path:
 def main(out: Path = HERE / "checkpoints" / "bert") -> None:
     save(tiny_bert(), out)
     for p in sorted(out.iterdir()):
-        print(f"wrote {p}")
+        print(f"wrote {p.relative_to(HERE.parent) if p.is_relative_to(HERE.parent) else p}")
 
 
 if __name__ == "__main__":
