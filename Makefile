@@ -1,9 +1,9 @@
 # marpipe: `make build` packages every example, `make test` runs the tests. `make help` lists targets.
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,gpu
+# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,hf,media,gpu
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,hf,media
 STORE  ?= model_store
 PY     := $(VENV)/bin/python
 MARPIPE := $(VENV)/bin/marpipe
@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install -q --force-reinstall --no-deps onnxruntime-gpu;; esac
 	@touch $@
 
-$(CKPTS): examples/make_checkpoints.py $(wildcard examples/models/*.py) | $(STAMP)
+$(CKPTS): examples/make_checkpoints.py examples/make_bert.py $(wildcard examples/models/*.py) | $(STAMP)
 	$(PY) examples/make_checkpoints.py
+	$(PY) examples/make_bert.py
 	@touch $@
 
 build: $(STAMP) $(CKPTS) ## package every example spec in every format into $(STORE)/ (<name>_<format>.mar)

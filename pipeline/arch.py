@@ -1,16 +1,40 @@
-"""Importing the architecture named by the spec and constructing it with its kwargs."""
+"""The architecture the spec names, resolved once: a class in a file, a factory from a package, or a Hugging
+Face config. `model_class` imports it (errors name the spec field) into a `ModelSource`; `construct` builds it.
+
+The imports made meanwhile are watched (`pipeline.imports`): the third-party distributions the architecture
+needs become the eager archive's requirements. The handler builds the same model from marpipe.json with the
+same functions (`handlers.marpipe_serving.architectures`).
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from handlers.marpipe_serving import architectures
 from pipeline.errors import SpecError
+from pipeline.imports import ImportTracker
 from pipeline.spec import Spec
+
+
+@dataclass
+class ModelSource:
+    """What builds the spec's model: `make()` constructs it on the current default device."""
+
+    make: Callable[[], Any]
+    imports: ImportTracker
+    field: str  # the spec field to blame when construction fails
+    config: Any = None  # transformers: the config, overrides applied (it goes into the archive as config.json)
+
+    def requirements(self) -> list[dict[str, str]]:
+        return self.imports.requirements()
 
 
 def import_file(file: Path, module_name: str) -> ModuleType:
@@ -32,38 +56,107 @@ def import_file(file: Path, module_name: str) -> ModuleType:
     return module
 
 
-def model_class(spec: Spec) -> type:
-    """The spec's nn.Module subclass, imported from architecture.file; SpecError naming the field otherwise."""
+def model_class(spec: Spec) -> ModelSource:
+    """Import what the spec's architecture names; SpecError naming the field when that fails."""
+    source = spec.architecture.source
+    if source == "factory":
+        return _factory(spec)
+    if source == "transformers":
+        from pipeline.hf import transformers_source
+
+        return transformers_source(spec)
+    return _file(spec)
+
+
+def construct(spec: Spec, source: ModelSource, device: str, params_only: bool = False) -> Any:
+    """Build the model on `device` ("meta" costs no memory); `params_only`: only its parameters on meta (its
+    buffers real, for non-persistent ones)."""
     import torch
 
+    label = spec.architecture.label
+    try:
+        with source.imports, architectures.params_on_meta() if params_only else torch.device(device):
+            model = source.make()
+    except Exception as exc:
+        raise SpecError(f"{spec.source}: {source.field}: {label}(**kwargs) failed: {type(exc).__name__}: {_first(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(f"{spec.source}: {source.field}: {label}(**kwargs) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def keyword_inputs(model: Any, names: list[str]) -> bool:
+    """True when every declared input is a parameter of forward: the model is then called by keyword."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return set(names) <= named
+
+
+def forward_order(model: Any, names: list[str]) -> list[str]:
+    """The declared input names in the order forward takes them (exporters number inputs that way)."""
+    params = list(inspect.signature(model.forward).parameters)
+    return sorted(names, key=params.index)
+
+
+def _file(spec: Spec) -> ModelSource:
     arch = spec.architecture
     where = f"{spec.source}: architecture"
+    tracker = ImportTracker()
     try:
-        module = import_file(arch.file, f"marpipe_arch_{abs(hash(str(arch.file)))}")
+        with tracker:
+            module = import_file(arch.file, f"marpipe_arch_{abs(hash(str(arch.file)))}")
     except Exception as exc:
         raise SpecError(f"{where}.file: importing {arch.file.name} failed: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, arch.class_name, None)
     if cls is None:
         raise SpecError(f"{where}.class: {arch.class_name!r} not defined in {arch.file.name}")
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+    if not (isinstance(cls, type) and _is_module_class(cls)):
         raise SpecError(f"{where}.class: {arch.class_name!r} is not a torch.nn.Module subclass")
+    _bind(spec, cls, arch.class_name)
+    return ModelSource(lambda: cls(**arch.kwargs), tracker, "architecture.kwargs")
+
+
+def _factory(spec: Spec) -> ModelSource:
+    ref = spec.architecture.factory
+    where = f"{spec.source}: architecture.factory"
+    module_name, _, attrs = ref.partition(":")
+    tracker = ImportTracker(roots=(module_name,))
     try:
-        inspect.signature(cls).bind(**arch.kwargs)
+        with tracker:
+            obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise SpecError(f"{where}: cannot import {module_name} ({type(exc).__name__}: {_first(exc)}); install it or fix the name") from None
+    for attr in attrs.split("."):
+        if not hasattr(obj, attr):
+            hint = difflib.get_close_matches(attr, [n for n in dir(obj) if not n.startswith("_")], n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise SpecError(f"{where}: {getattr(obj, '__name__', module_name)} has no {attr!r}{extra}")
+        obj = getattr(obj, attr)
+    if not callable(obj):
+        raise SpecError(f"{where}: {ref} is a {type(obj).__name__}, not a class or function")
+    if isinstance(obj, type) and not _is_module_class(obj):
+        raise SpecError(f"{where}: {ref} is a class but not a torch.nn.Module subclass")
+    _bind(spec, obj, ref)
+    kwargs = spec.architecture.kwargs
+    return ModelSource(lambda: obj(**kwargs), tracker, "architecture.factory")
+
+
+def _bind(spec: Spec, fn: Any, label: str) -> None:
+    try:
+        inspect.signature(fn).bind(**spec.architecture.kwargs)
     except TypeError as exc:
-        raise SpecError(f"{where}.kwargs: {arch.class_name}() rejects them: {exc}") from None
+        raise SpecError(f"{spec.source}: architecture.kwargs: {label}() rejects them: {exc}") from None
     except ValueError:
         pass  # no introspectable signature: constructing will tell
-    return cls
 
 
-def construct(spec: Spec, cls: type, device: str) -> Any:
-    """Build the model with its kwargs on `device` ("meta" costs no memory)."""
+def _is_module_class(cls: type) -> bool:
     import torch
 
-    try:
-        with torch.device(device):
-            return cls(**spec.architecture.kwargs)
-    except Exception as exc:
-        raise SpecError(
-            f"{spec.source}: architecture.kwargs: {spec.architecture.class_name}(**kwargs) failed: {type(exc).__name__}: {exc}"
-        ) from None
+    return issubclass(cls, torch.nn.Module)
+
+
+def _first(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -1,8 +1,9 @@
 """Reading checkpoints safely: format detection by content, sha256, weights-only loading, normalisation.
 
 Nothing here ever unpickles code: torch files go through ``torch.load(weights_only=True)`` (passed
-explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off), safetensors through its own
-parser. Every failure is a `CheckpointError` with one line naming the file and the problem.
+explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off; see `pipeline.pickles`), safetensors
+through its own parser. A folder or a sharded checkpoint (`pipeline.shards`) is read file by file with the
+same care. Every failure is a `CheckpointError` with one line naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -20,61 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import crc
+from pipeline import crc, shards
 from pipeline.errors import CheckpointError
+from pipeline.pickles import Stub, is_legacy_torch, load_torch, pickled_model, raw_pickle_error
 from pipeline.spec import KeyRename
 
 ALWAYS_STRIP = ("module.", "_orig_mod.")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
-# Globals that only ever appear in a pickle to run code. Seeing one means the file is hostile. (Every other
-# unknown global is replaced by an inert stub anyway; this is about saying so plainly.)
-DANGEROUS_MODULES = (
-    "os",
-    "posix",
-    "nt",
-    "subprocess",
-    "sys",
-    "shutil",
-    "socket",
-    "importlib",
-    "runpy",
-    "pty",
-    "code",
-    "webbrowser",
-    "ctypes",
-    "pickle",
-    "marshal",
-    "types",
-    "multiprocessing",
-    "asyncio",
-    "signal",
-    "platform",
-)
-DANGEROUS_BUILTINS = {
-    f"{m}.{n}"
-    for m in ("builtins", "__builtin__")
-    for n in (
-        "eval",
-        "exec",
-        "compile",
-        "open",
-        "__import__",
-        "getattr",
-        "setattr",
-        "delattr",
-        "globals",
-        "locals",
-        "vars",
-        "input",
-        "breakpoint",
-        "exit",
-        "quit",
-        "help",
-        "apply",
-        "execfile",
-        "file",
-    )
-}
 CHUNK = 64 << 20  # bytes per hash or CRC call: long enough to run without the GIL
 COMBINE_FROM = 1 << 20  # segments at least this long are combined into the file's CRC, shorter ones re-read
 
@@ -91,8 +44,10 @@ class RawCheckpoint:
     stripped: list[str] = field(default_factory=list)
     renamed: int = 0
     ignored_extras: list[str] = field(default_factory=list)
-    stat: tuple[int, int] = (0, 0)  # (size, mtime_ns) when it was hashed
+    stat: tuple[int, int] = (0, 0)  # (size, mtime_ns) when it was hashed; a sharded one: (total size, 0)
     crc32: int = 0
+    index: str | None = None  # a sharded checkpoint's index file name
+    shards: list[dict[str, Any]] = field(default_factory=list)  # its index and shards: name, sha256, size
 
     @property
     def size(self) -> int:
@@ -120,7 +75,7 @@ def detect_format(path: Path) -> str:
                 f"checkpoint {path}: safetensors header is cut off (declares {n} bytes, file has {size - 8}): the file is truncated"
             )
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "torch-legacy"
+        return "torch-legacy" if is_legacy_torch(head) else "raw-pickle"  # the latter refused when read
     if head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower() or head[2:3] == b"\x12"):
         raise CheckpointError(
             f"checkpoint {path}: this looks like an ONNX model, not a state_dict; "
@@ -247,36 +202,91 @@ _prescanner: ThreadPoolExecutor | None = None
 
 
 def prescan(path: Path) -> None:
-    """Start hashing a checkpoint on a background thread, e.g. while torch is being imported.
+    """Start hashing a checkpoint (every shard of a sharded one) on a background thread, e.g. while torch is
+    being imported.
 
     The work is the same as `scan` in `read_checkpoint`, which picks the result up; it just starts sooner.
     A file that cannot even be detected is left for `read_checkpoint` to report.
     """
     global _prescanner
     try:
-        st = path.stat()
-        fmt = detect_format(path)
+        files = shards.resolve(path).files
     except (CheckpointError, OSError):
         return
-    _prescanner = _prescanner or ThreadPoolExecutor(1, thread_name_prefix="marpipe-prescan")
-    _prescans[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = _prescanner.submit(scan, path, fmt)
+    for file in files:
+        try:
+            st = file.stat()
+            fmt = detect_format(file)
+        except (CheckpointError, OSError):
+            return
+        if fmt == "raw-pickle":
+            return
+        _prescanner = _prescanner or ThreadPoolExecutor(1, thread_name_prefix="marpipe-prescan")
+        _prescans[(str(file.resolve()), st.st_size, st.st_mtime_ns)] = _prescanner.submit(scan, file, fmt)
 
 
-def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckpoint:
-    """Detect, hash and safely load a checkpoint; return its tensors, unwrapped from nesting."""
-    fmt = detect_format(path)
+def _scanned(path: Path, fmt: str) -> tuple[os.stat_result, str, int]:
+    """(stat, sha256, CRC32) of one file: the prescan's result when there is one."""
     st = path.stat()
     pending = _prescans.pop((str(path.resolve()), st.st_size, st.st_mtime_ns), None)
     digest, crc = pending.result() if pending else scan(path, fmt)
-    if expected_sha256 and digest != expected_sha256:
-        raise CheckpointError(
-            f"checkpoint {path}: sha256 is {digest}, the spec pins {expected_sha256} (checkpoint.sha256); "
-            "the file changed or the pin is stale"
-        )
+    return st, digest, crc
+
+
+def read_checkpoint(path: Path, expected_sha256: str | None = None) -> RawCheckpoint:
+    """Detect, hash and safely load a checkpoint file, folder or sharded checkpoint; return its tensors,
+    unwrapped from nesting."""
+    layout = shards.resolve(path)
+    if layout.index is not None:
+        return _read_sharded(layout, expected_sha256)
+    path = layout.files[0]
+    fmt = _readable_format(path)
+    st, digest, crc = _scanned(path, fmt)
+    _check_pin(path, digest, expected_sha256)
     extras: list[str] = []
-    obj = _load_safetensors(path) if fmt == "safetensors" else _load_torch(path, extras, mmap=fmt == "torch-zip")
+    obj = _load_safetensors(path) if fmt == "safetensors" else load_torch(path, extras, mmap=fmt == "torch-zip")
     sd, nested = _unwrap(path, obj)
     return RawCheckpoint(path, fmt, digest, sd, nested, ignored_extras=extras, stat=(st.st_size, st.st_mtime_ns), crc32=crc)
+
+
+def _read_sharded(layout: shards.Layout, expected_sha256: str | None) -> RawCheckpoint:
+    """Every shard detected, hashed (CRCs checked) and loaded mmap'd like a single file, then merged by the index."""
+    assert layout.index is not None
+    index = layout.index.read_bytes()
+    files = [{"name": layout.index.name, "sha256": hashlib.sha256(index).hexdigest(), "size": len(index)}]
+    kinds = {shard: _readable_format(shard) for shard in layout.files}
+    for shard, fmt in kinds.items():
+        st, digest, _ = _scanned(shard, fmt)
+        files.append({"name": shard.name, "sha256": digest, "size": st.st_size})
+    digest = shards.digest(files)
+    _check_pin(layout.path, digest, expected_sha256)
+    if len(set(kinds.values())) > 1:
+        raise CheckpointError(f"checkpoint {layout.index}: its shards mix formats ({', '.join(sorted(set(kinds.values())))})")
+    parts, extras = {}, []
+    for shard, fmt in kinds.items():
+        obj = _load_safetensors(shard) if fmt == "safetensors" else load_torch(shard, extras, mmap=fmt == "torch-zip")
+        parts[shard.name], nested = _unwrap(shard, obj)
+        if nested:
+            raise CheckpointError(f"checkpoint {shard}: a shard holds its tensors under {nested!r}; shards hold them at the top level")
+    state = shards.merge(layout, parts)
+    fmt = next(iter(kinds.values()))
+    total = sum(f["size"] for f in files)
+    return RawCheckpoint(layout.path, fmt, digest, state, ignored_extras=extras, stat=(total, 0), index=layout.index.name, shards=files)
+
+
+def _readable_format(path: Path) -> str:
+    """The format of a file marpipe reads; a raw pickle is refused here, naming what it would call."""
+    fmt = detect_format(path)
+    if fmt == "raw-pickle":
+        raise raw_pickle_error(path)
+    return fmt
+
+
+def _check_pin(path: Path, digest: str, expected: str | None) -> None:
+    if expected and digest != expected:
+        raise CheckpointError(
+            f"checkpoint {path}: sha256 is {digest}, the spec pins {expected} (checkpoint.sha256); the file changed or the pin is stale"
+        )
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -293,99 +303,6 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: corrupt safetensors file ({first[:160]})") from None
 
 
-def _load_torch(path: Path, extras: list[str], mmap: bool) -> Any:
-    import torch
-
-    unsafe = _unsafe_globals(path)
-    if unsafe:
-        _refuse_unsafe(path, unsafe)
-    try:
-        if unsafe:
-            # Every global outside torch's allowlist becomes an inert stub: nothing in the file is called.
-            stubs = [(_stand_in(name), name) for name in unsafe]
-            extras.extend(unsafe)
-            with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch raises many kinds here; all mean "this file is not loadable"
-        raise CheckpointError(f"checkpoint {path}: {_explain_torch_error(exc)}") from None
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    import torch
-
-    try:
-        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
-    except Exception:  # an unreadable pickle: torch.load below gives the precise reason
-        return []
-
-
-def _refuse_unsafe(path: Path, names: list[str]) -> None:
-    dangerous = [n for n in names if n.split(".")[0] in DANGEROUS_MODULES or n in DANGEROUS_BUILTINS]
-    if dangerous:
-        raise CheckpointError(
-            f"checkpoint {path}: refused: the pickle calls {', '.join(dangerous[:3])}, which a state_dict never needs "
-            "(the file may be malicious); nothing from it was run"
-        )
-    modules = [n for n in names if n.startswith("torch.nn.") or n.startswith("__main__.")]
-    if modules:
-        raise _pickled_model(path, modules[0])
-
-
-def _pickled_model(path: Path, cls: str, under: str | None = None) -> CheckpointError:
-    where = f"'{under}' holds a pickled model" if under else "this is a pickled model"
-    return CheckpointError(
-        f"checkpoint {path}: {where} ({cls}), not a state_dict; save model.state_dict() instead (torch.save(model.state_dict(), path))"
-    )
-
-
-def _plain_dict(*args: Any, **kwargs: Any) -> dict:
-    return {}
-
-
-def _stand_in(name: str) -> Any:
-    """An inert replacement for a global: dict subclasses become a plain dict (the unpickler then fills it,
-    and only fills exact dicts), anything else a `_Stub` class named after it."""
-    if name == "collections.defaultdict":
-        return _plain_dict
-    return type(name, (_Stub,), {"_name": name})
-
-
-class _Stub:
-    """Stands in for any non-tensor global of a checkpoint (numpy scalars, argparse.Namespace...)."""
-
-    _name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<ignored {self._name}>"
-
-
-def _explain_torch_error(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    low = text.lower()
-    if "central directory" in low or "failed reading zip" in low or "unexpected eof" in low or isinstance(exc, EOFError):
-        return "truncated or corrupt checkpoint (could not read the torch zip)"
-    if "invalid magic number" in low or "invalid load key" in low or "could not find" in low:
-        return "not a torch checkpoint, or corrupt (the pickle inside is unreadable)"
-    if "torch_force" in low:
-        return "cannot load: set only one of TORCH_FORCE_WEIGHTS_ONLY_LOAD or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    m = re.search(r"GLOBAL ([\w.]+)", text)
-    if m:
-        return f"refused: the pickle needs {m.group(1)}, which a weights-only load does not allow; save a plain state_dict"
-    # Drop torch's advice to disable weights_only: wrong for a file we do not trust.
-    first = re.split(r"(?i)\s*(?:\(1\)|in pytorch 2\.6|if you trust|weights_only=false)", text)[0]
-    return f"cannot load safely: {first[:200]}"
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     import torch
 
@@ -394,8 +311,8 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
     """Find the state dict: the object itself, or nested under state_dict/model (Lightning, trainers)."""
-    if isinstance(obj, _Stub):
-        raise _pickled_model(path, obj._name)
+    if isinstance(obj, Stub):
+        raise pickled_model(path, obj._name)
     nested: list[str] = []
     for _ in range(3):
         if _is_tensor_dict(obj):
@@ -404,9 +321,9 @@ def _unwrap(path: Path, obj: Any) -> tuple[dict[str, Any], str | None]:
             break
         key = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict)), None)
         if key is None:
-            pickled = next((k for k in NESTED_KEYS if isinstance(obj.get(k), _Stub)), None)
+            pickled = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Stub)), None)
             if pickled:
-                raise _pickled_model(path, obj[pickled]._name, under=pickled)
+                raise pickled_model(path, obj[pickled]._name, under=pickled)
             break
         nested.append(key)
         obj = obj[key]

@@ -20,6 +20,8 @@ def describe(path: Path) -> dict[str, Any]:
         "nested_key": raw.nested_key,
         "detected_prefixes": detected_prefixes(sorted(raw.state_dict)),
         "ignored_extras": raw.ignored_extras,
+        "index": raw.index,
+        "files": raw.shards,  # a sharded checkpoint's index and shards, each with its sha256
         "tensor_count": len(tensors),
         "parameter_count": params,
         "tensors": tensors,
@@ -30,13 +32,15 @@ def render(info: dict[str, Any]) -> str:
     lines = [
         f"checkpoint   {info['path']}",
         f"format       {info['format']}",
-        f"sha256       {info['sha256']}",
+        f"sha256       {info['sha256']}" + (f" (of the index and {len(info['files']) - 1} shards)" if info["files"] else ""),
         f"size         {info['size_bytes']:,} bytes",
         f"nested under {info['nested_key'] or '-'}",
         f"prefixes     {' '.join(info['detected_prefixes']) or '-'}",
         f"tensors      {info['tensor_count']}",
         f"parameters   {info['parameter_count']:,} (floating-point elements)",
     ]
+    for f in info["files"]:
+        lines.append(f"file         {f['sha256']}  {f['name']} ({f['size']:,} bytes)")
     if info["ignored_extras"]:
         lines.append(f"ignored      {', '.join(info['ignored_extras'])}")
     width = max((len(k) for k in info["tensors"]), default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.spec import BATCH, Spec
+from pipeline.spec_model import PADDING_MASK
 
 SEED = 20240229
 
@@ -21,7 +22,8 @@ def shapes(spec: Spec, batch_sizes: tuple[int, ...] | None = None) -> list[dict[
 
 
 def make(spec: Spec, dims: dict[str, int], seed: int) -> dict[str, Any]:
-    """One set of named CPU tensors: floats standard normal (or uniform in range), ints uniform in [low, high)."""
+    """One set of named CPU tensors, as each input's `generate` says, else: floats standard normal (or uniform
+    in range), ints uniform in [low, high)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -29,20 +31,37 @@ def make(spec: Spec, dims: dict[str, int], seed: int) -> dict[str, Any]:
     for t in spec.inputs:
         shape = [dims[d] if isinstance(d, str) else d for d in t.shape]
         dtype = getattr(torch, t.dtype)
-        if t.dtype == "bool":
+        bounds = t.generate if isinstance(t.generate, tuple) else t.range
+        if t.generate == PADDING_MASK:
+            value = padding_mask(shape, gen).to(dtype)
+        elif t.dtype == "bool":
             value = torch.randint(0, 2, shape, generator=gen).bool()
         elif dtype.is_floating_point:
-            if t.range is None:
+            if bounds is None:
                 value = torch.randn(shape, generator=gen)
             else:
-                low, high = t.range
+                low, high = bounds
                 value = torch.rand(shape, generator=gen) * (high - low) + low
             value = value.to(dtype)
         else:
-            low, high = t.range
+            low, high = bounds
             value = torch.randint(int(low), int(high), shape, generator=gen, dtype=dtype)
         out[t.name] = value
     return out
+
+
+def padding_mask(shape: list[int], gen: Any) -> Any:
+    """Rows of ones then zeros along the last dim, as a tokenizer pads a batch: each row keeps at least one
+    one; the first row is unpadded, the others have random lengths."""
+    import torch
+
+    length = shape[-1]
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+    lengths[0] = length
+    return (torch.arange(length) < lengths[:, None]).reshape(shape)
 
 
 def example(spec: Spec) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def _package_detail(p: Any) -> str:
 
 def _load_detail(loaded: Any) -> str:
     ck = loaded.checkpoint
-    parts = [ck.format, f"{len(ck.state_dict)} tensors"]
+    parts = [ck.format + (f" ({len(ck.shards) - 1} shards)" if ck.shards else ""), f"{len(ck.state_dict)} tensors"]
     if ck.nested_key:
         parts.append(f"from '{ck.nested_key}'")
     if ck.stripped:
@@ -130,4 +130,7 @@ def _load_detail(loaded: Any) -> str:
         parts.append(f"skipped {len(loaded.skipped)} keys ({', '.join(loaded.skipped[:3])})")
     if ck.ignored_extras:
         parts.append(f"ignored extras ({', '.join(ck.ignored_extras[:3])})")
+    if loaded.tied:
+        parts.append(f"{len(loaded.tied)} tied keys")
+    parts.append("inputs by keyword" if loaded.by_name else "inputs by position")
     return ", ".join(parts)

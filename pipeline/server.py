@@ -232,20 +232,69 @@ def _model_status(server: Server, name: str) -> str:
     return ", ".join(sorted({str(w.get("status")) for w in workers})) or "no workers"
 
 
-def stop(server: Server) -> None:
-    """Stop TorchServe and every worker it started (they share its process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGKILL)  # workers that outlived the frontend
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.proc.wait(timeout=5)
+def stop(server: Server, grace: float = 10.0) -> None:
+    """Stop TorchServe and every process it started (its JVM and workers share its process group).
+
+    The JVM and workers get SIGTERM, not the `torchserve` launcher: it waits for the JVM and reaps it, then
+    exits (signalled first, it would orphan the JVM, which nothing might reap). Whatever is left after
+    `grace` seconds is killed. Returns once no process of the group runs."""
+    pgid = server.proc.pid
+    members = _group(pgid)
+    if members is None:  # no /proc: the whole group, the old way
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+    for pid in members or ():
+        if pid != pgid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    if members is not None and members <= {pgid}:  # only the launcher left (or nothing)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pgid, signal.SIGTERM)
+    if not _ended(server, grace):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        _ended(server, 5)
     if server.own_workdir:
         shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+def _group(pgid: int) -> set[int] | None:
+    """The live (not zombie) processes of a process group, from /proc; None where there is no /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    members = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(entry.name))
+    return members
+
+
+def _ended(server: Server, timeout: float) -> bool:
+    """Wait until the launcher has exited (reaped) and no process of its group runs."""
+    deadline = time.monotonic() + timeout
+    while server.proc.poll() is None or _alive(server.proc.pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _alive(pgid: int) -> bool:
+    members = _group(pgid)
+    if members is not None:
+        return bool(members)
+    try:  # no /proc: a zombie still counts here, but is rare where there is no /proc
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 @contextlib.contextmanager
@@ -258,9 +307,24 @@ def running(store: Path, archives: list[Path] | None = None, **kwargs: Any):
 
 
 def serve_forever(args: Any) -> int:
-    """`marpipe serve`: TorchServe in the foreground with the safe configuration until Ctrl-C."""
-    server = start(args.store, host=args.host, port=args.port, auth=not args.no_auth, model_api=args.enable_model_api, workdir=args.workdir)
+    """`marpipe serve`: TorchServe in the foreground with the safe configuration until Ctrl-C or SIGTERM,
+    both of which stop TorchServe, its JVM and its workers before marpipe exits."""
+    started: list[Server] = []
+    caught: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        if started:  # before the server exists, the signal is acted on as soon as it does
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        started.append(
+            start(args.store, host=args.host, port=args.port, auth=not args.no_auth, model_api=args.enable_model_api, workdir=args.workdir)
+        )
+        server = started[0]
+        if caught:
+            raise KeyboardInterrupt
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
         status = wait_ready(server, 600)
@@ -272,10 +336,17 @@ def serve_forever(args: Any) -> int:
                 file=sys.stderr,
             )
         if server.proc.poll() is None:
-            print("serving; Ctrl-C stops", file=sys.stderr)
+            print("serving; Ctrl-C stops (so does SIGTERM)", file=sys.stderr)
             server.proc.wait()
         return 0 if server.proc.returncode in (0, None) else 6
     except KeyboardInterrupt:
         return 0
     finally:
-        stop(server)
+        for sig in previous:  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        if started:
+            name = signal.Signals(caught[0]).name if caught else None
+            print(f"stopping TorchServe{f' ({name})' if name else ''}", file=sys.stderr)
+            stop(started[0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,7 +1,8 @@
 """`marpipe smoke`: serve the store with a real TorchServe and check every archive answers like eager.
 
 Each archive carries the parity inputs of one small batch and the eager model's outputs for them; they
-are replayed over HTTP as JSON and as npz and compared within the archive's own tolerances.
+are replayed over HTTP as npz and as JSON (split over requests that fit the server's limits, `pipeline.fit`)
+and compared within the archive's own tolerances.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import fit
 from pipeline import server as ts
 from pipeline.errors import PackageError, SpecError
 from pipeline.samples import INDEX
@@ -27,32 +29,23 @@ def _npz(z: zipfile.ZipFile, name: str) -> dict[str, np.ndarray]:
 
 
 def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
-    """Replay one archive's stored inputs in JSON and npz; one result row per transport."""
+    """Replay one archive's stored inputs in npz and JSON, split over requests that fit the server's limits;
+    one result row per transport."""
     with zipfile.ZipFile(path) as z:
         meta = json.loads(z.read("marpipe.json"))
         inputs, expected = _npz(z, "parity_inputs.npz"), _npz(z, "parity_outputs.npz")
     tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    max_rows = meta.get("serve", {}).get("max_rows")
     rows = []
-    json_body = json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode()
-    bodies = {  # raw tensors in JSON too, where the archive answers with labels or an encode hook
-        "json": (json_body, {"Content-Type": "application/json", "Accept": "application/json; raw=true"}),
-        "npz": (_to_npz(inputs), {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}),
-    }
-    if (meta.get("hooks") or {}).get("decode"):
-        bodies = {}  # the user's decode hook reads every body: its own sample requests (below) are the check
-    for transport, (body, headers) in bodies.items():
+    transports = [] if (meta.get("hooks") or {}).get("decode") else list(fit.ENCODERS)  # a decode hook reads every body:
+    for transport in transports:  # its own sample requests (check_requests) are the check
         row = {"model": name, "format": meta["format"], "transport": transport, "ok": False, "max_abs": None, "why": ""}
-        code, _, answer = server.request("inference", f"/predictions/{name}", body, headers)
-        if code != 200:
-            row["why"] = f"HTTP {code}: {answer[:160].decode(errors='replace')}"
+        answer = fit.replay(server, name, transport, inputs, max_rows)
+        if "outputs" not in answer:
+            row.update(why=answer["why"], skipped=answer.get("skipped", False))
             rows.append(row)
             continue
-        try:
-            got = _npz_bytes(answer) if transport == "npz" else {k: np.asarray(v) for k, v in json.loads(answer)["outputs"].items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            row["why"] = f"unreadable answer: {exc}"
-            rows.append(row)
-            continue
+        got = answer["outputs"]
         worst, why = 0.0, []
         for out, ref in expected.items():
             atol, rtol = tolerances.get(out, (meta["parity"]["outputs"][out]["atol"], meta["parity"]["outputs"][out]["rtol"]))
@@ -61,7 +54,9 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
             if not result["ok"]:
                 detail = result.get("why") or f"max abs {result['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|eager|"
                 why.append(f"{out}: {detail}")
-        row.update(ok=not why, max_abs=worst, why="; ".join(why))
+        count = len(next(iter(inputs.values())))
+        split = f"{count} rows in {answer['requests']} requests" if answer["requests"] > 1 else ""
+        row.update(ok=not why, max_abs=worst, why="; ".join(why) or split)
         rows.append(row)
     return rows + check_requests(server, name, path, meta)
 
@@ -125,12 +120,6 @@ def json_mismatch(want: Any, got: Any, atol: float, rtol: float, where: str = ""
     return "" if abs(got - want) <= atol + rtol * abs(want) else f"{where}: {got:.6g} vs {want:.6g}"
 
 
-def _to_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
 def _npz_bytes(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
@@ -157,11 +146,12 @@ def smoke(store: Path, names: list[str], timeout: float) -> int:
                 )
                 continue
             rows.extend(check_archive(server, name, path))
-        if not all(r["ok"] for r in rows):
+        if not all(r["ok"] or r.get("skipped") for r in rows):
             print(server.log_tail(15), file=sys.stderr)
     _table(rows)
-    bad = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(bad)} of {len(rows)} checks passed", file=sys.stderr)
+    bad = [r for r in rows if not r["ok"] and not r.get("skipped")]
+    skipped = sum(bool(r.get("skipped")) for r in rows)
+    print(f"{len(rows) - len(bad) - skipped} of {len(rows)} checks passed" + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
     return 5 if bad else 0
 
 
@@ -169,4 +159,5 @@ def _table(rows: list[dict]) -> None:
     print(f"{'model':<28} {'format':<12} {'body':<5} {'result':<6} {'max abs err':>12}  note")
     for r in rows:
         err = "-" if r["max_abs"] is None else f"{r['max_abs']:.3g}"
-        print(f"{r['model']:<28} {r['format']:<12} {r['transport']:<5} {'ok' if r['ok'] else 'FAIL':<6} {err:>12}  {r['why']}")
+        result = "ok" if r["ok"] else "skip" if r.get("skipped") else "FAIL"
+        print(f"{r['model']:<28} {r['format']:<12} {r['transport']:<5} {result:<6} {err:>12}  {r['why']}")

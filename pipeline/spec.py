@@ -6,8 +6,6 @@ Every error names the spec file and the field path, e.g.
 
 from __future__ import annotations
 
-import ast
-import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,14 +16,13 @@ import yaml
 
 from pipeline import spec_requests as requests
 from pipeline.errors import SpecError
+from pipeline.spec_model import CAST_DTYPES, IDENT_RE, Architecture, parse_architecture, parse_generate
 from pipeline.spec_reader import Reader as _Reader
 from pipeline.spec_requests import ImageSpec, OutputLabels, TextSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
-IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FORMATS = ("eager", "torchscript", "onnx")
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
-CAST_DTYPES = ("float32", "float64", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 BATCH = "batch"
 DEFAULT_DIM_SIZES = (3, 7)
@@ -36,7 +33,8 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str = "float32"
-    range: tuple[float, float] | None = None
+    range: tuple[float, float] | None = None  # the rule for requests (and, without generate, for test values)
+    generate: str | tuple[float, float] | None = None  # what parity and bench feed: PADDING_MASK or a (low, high) range
     image: ImageSpec | None = None  # requests may send an encoded image for this input
 
 
@@ -53,13 +51,6 @@ class KeyRename:
     pattern: str  # a prefix, or a regular expression when `regex` is true
     to: str
     regex: bool = False
-
-
-@dataclass(frozen=True)
-class Architecture:
-    file: Path
-    class_name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,7 +151,7 @@ def parse_spec(data: Any, source: Path) -> Spec:
         data,
         "",
         ("name", "version", "architecture", "checkpoint", "inputs", "outputs", "dims", "export", "parity", "serve", "text"),
-        ("name", "architecture", "checkpoint", "inputs"),
+        ("name", "architecture", "inputs"),
     )
     name = r.str_(top["name"], "name")
     if not NAME_RE.match(name):
@@ -169,12 +160,15 @@ def parse_spec(data: Any, source: Path) -> Spec:
     inputs = _inputs(r, top["inputs"])
     used = sorted({d for t in inputs for d in t.shape[1:] if isinstance(d, str)})
     dims, dim_max = requests.dims(r, top.get("dims"), used, DEFAULT_DIM_SIZES)
+    architecture = parse_architecture(r, top["architecture"])
+    if top.get("checkpoint") is None and architecture.transformers is None:
+        raise r.fail("checkpoint", "required")
     return Spec(
         source=source,
         name=name,
         version=version,
-        architecture=_architecture(r, top["architecture"]),
-        checkpoint=_checkpoint(r, top["checkpoint"]),
+        architecture=architecture,
+        checkpoint=_checkpoint(r, top.get("checkpoint"), architecture.transformers),
         inputs=inputs,
         outputs=_outputs(r, top.get("outputs")),
         dims=dims,
@@ -186,43 +180,11 @@ def parse_spec(data: Any, source: Path) -> Spec:
     )
 
 
-def _architecture(r: _Reader, value: Any) -> Architecture:
-    m = r.mapping(value, "architecture", ("file", "class", "kwargs"), ("file", "class"))
-    file = r.file(m["file"], "architecture.file")
-    class_name = r.str_(m["class"], "architecture.class")
-    kwargs = r.mapping(m.get("kwargs"), "architecture.kwargs", tuple(str(k) for k in (m.get("kwargs") or {})))
-    defined = _top_level_names(r, file, m["file"])
-    if class_name not in defined:
-        hint = difflib.get_close_matches(class_name, sorted(defined), n=1)
-        extra = f"; did you mean '{hint[0]}'?" if hint else ""
-        raise r.fail("architecture.class", f"{class_name!r} not defined in {m['file']}{extra}")
-    return Architecture(file=file, class_name=class_name, kwargs=dict(kwargs))
-
-
-def _top_level_names(r: _Reader, file: Path, shown: str) -> set[str]:
-    """Names bound at the top level of the architecture source, found without running it."""
-    try:
-        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
-    except SyntaxError as exc:
-        raise r.fail("architecture.file", f"{shown}: syntax error at line {exc.lineno}: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise r.fail("architecture.file", f"{shown}: cannot read: {exc}") from None
-    names: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return names
-
-
-def _checkpoint(r: _Reader, value: Any) -> Checkpoint:
+def _checkpoint(r: _Reader, value: Any, default: Path | None = None) -> Checkpoint:
+    """`default`: the path when none is given (a transformers folder holds its own weights)."""
     keys = ("path", "sha256", "strict", "strip_prefix", "key_map", "dtype", "allow_nonfinite")
-    m = r.mapping(value, "checkpoint", keys, ("path",))
-    path = r.file(m["path"], "checkpoint.path")
+    m = r.mapping(value, "checkpoint", keys, () if default else ("path",))
+    path = default if m.get("path") is None else _file_or_folder(r, m["path"], "checkpoint.path")
     sha = m.get("sha256")
     if sha is not None:
         sha = r.str_(sha, "checkpoint.sha256").lower()
@@ -261,6 +223,14 @@ def _checkpoint(r: _Reader, value: Any) -> Checkpoint:
     )
 
 
+def _file_or_folder(r: _Reader, value: Any, path: str) -> Path:
+    rel = r.str_(value, path)
+    resolved = (r.base / rel).resolve()
+    if not resolved.exists():
+        raise r.fail(path, f"file not found: {rel} (relative to {r.base or '.'}/)")
+    return resolved
+
+
 def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
     items = r.list_(value, "inputs")
     if not items:
@@ -268,7 +238,7 @@ def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
     out: list[TensorSpec] = []
     for i, item in enumerate(items):
         where = f"inputs[{i}]"
-        m = r.mapping(item, where, ("name", "shape", "dtype", "range", "image"), ("name", "shape"))
+        m = r.mapping(item, where, ("name", "shape", "dtype", "range", "generate", "image"), ("name", "shape"))
         name = r.str_(m["name"], f"{where}.name")
         if not IDENT_RE.match(name):
             raise r.fail(f"{where}.name", f"{name!r} is not a valid input name (letters, digits, '_')")
@@ -296,10 +266,11 @@ def _inputs(r: _Reader, value: Any) -> tuple[TensorSpec, ...]:
             if dtype not in CAST_DTYPES and not all(float(v).is_integer() for v in rng):
                 raise r.fail(f"{where}.range", f"an {dtype} input needs integer bounds, got {rng!r}")
             rng = (rng[0], rng[1])
-        elif dtype not in CAST_DTYPES and dtype != "bool":
-            raise r.fail(f"{where}.range", f"an {dtype} input needs range: [low, high] to generate test values")
+        generate = None if m.get("generate") is None else parse_generate(r, m["generate"], f"{where}.generate", dtype, dims, rng)
+        if rng is None and generate is None and dtype not in CAST_DTYPES and dtype != "bool":
+            raise r.fail(f"{where}.range", f"an {dtype} input needs range: [low, high] (or generate) to generate test values")
         picture = None if m.get("image") is None else requests.image(r, m["image"], f"{where}.image", tuple(dims), dtype)
-        out.append(TensorSpec(name=name, shape=tuple(dims), dtype=dtype, range=rng, image=picture))
+        out.append(TensorSpec(name=name, shape=tuple(dims), dtype=dtype, range=rng, generate=generate, image=picture))
     return tuple(out)
 
 

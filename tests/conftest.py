@@ -19,7 +19,7 @@ MODELS = Path(__file__).resolve().parent / "models" / "tiny.py"
 
 def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process, as make and CI jobs do."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout
     )

@@ -54,7 +54,8 @@ def test_archive_contents(linear_project: Project) -> None:
     }
     assert manifest["runtime"] == "python"
     meta = json.loads(entries["marpipe.json"])
-    assert meta["architecture"] == {"file": "tiny.py", "class": "Linear", "kwargs": {}}
+    assert meta["architecture"] == {"source": "file", "file": "tiny.py", "class": "Linear", "kwargs": {}}
+    assert meta["call"] == "keyword" and meta["requirements"] == []  # forward(x) takes the declared input by name; torch: the server's own
     assert meta["checkpoint"]["sha256"] == hashlib.sha256((linear_project.root / "tiny.pth").read_bytes()).hexdigest()
     assert {"torch", "marpipe"} <= set(meta["versions"])
     for name, digest in meta["files"].items():

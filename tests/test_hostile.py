@@ -77,7 +77,7 @@ CORPUS = {
     "flipped byte": (_flip_tensor_byte, "fails its CRC check"),
     "pickled module": (lambda p: _torch_zip(p, p.model("Linear")), "this is a pickled model"),
     "exploit in torch zip": (_exploit_zip, "refused: the pickle calls"),
-    "exploit raw pickle": (_exploit_pickle, "refused"),
+    "exploit raw pickle": (_exploit_pickle, "refused: a raw pickle, not a torch zip; loading it would call posix.system"),
     "onnx file": (_onnx_bytes, "looks like an ONNX model"),
     "mar archive": (lambda p: (Path(p.root) / "good.mar").read_bytes(), "TorchServe .mar archive"),
     "corrupt safetensors header": (_corrupt_safetensors, "corrupt safetensors"),
@@ -170,3 +170,23 @@ def test_a_pickled_custom_model_nested_under_model_is_named(corpus_project: Proj
     result = project.build(project.spec(name="good", checkpoint={"path": "nested_model.pth"}), env=ENV)
     assert result.returncode == 3, result.stderr
     assert "'model' holds a pickled model (tiny.Plain), not a state_dict" in result.stderr
+
+
+def test_a_raw_pickle_says_why_and_torch_stays_quiet(corpus_project: Project) -> None:
+    """pickle.dump of a state_dict: not a torch zip. One line naming the globals it would call; no torch warning."""
+    project = corpus_project
+    (project.root / "raw.pkl").write_bytes(pickle.dumps(_valid(project), protocol=4))
+    result = project.build(project.spec(name="good", checkpoint={"path": "raw.pkl"}), env=ENV)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("\n") == 1 and "Warning" not in result.stderr, result.stderr
+    assert "refused: a raw pickle, not a torch zip; loading it would call" in result.stderr
+    assert "torch._utils._rebuild_tensor_v2" in result.stderr and "nothing from it was run" in result.stderr
+
+
+def test_legacy_torch_files_still_load(corpus_project: Project) -> None:
+    """torch.save(..., _use_new_zipfile_serialization=False): a pickled magic number, then pickles."""
+    project = corpus_project
+    torch.save(_valid(project), project.root / "legacy.pth", _use_new_zipfile_serialization=False)
+    result = project.build(project.spec(name="legacy", checkpoint={"path": "legacy.pth"}), env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "torch-legacy" in result.stdout and "Warning" not in result.stderr

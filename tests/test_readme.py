@@ -55,3 +55,32 @@ def test_readme_request_keys_block_is_accepted(linear_project: Project) -> None:
     path.write_text(yaml.safe_dump(spec))
     parsed = load_spec(path)
     assert parsed.inputs[0].image.crop == 224 and parsed.outputs[0].labels.topk == 5 and parsed.serve.hooks.name == "hooks.py"
+
+
+def _section(title: str) -> str:
+    return README.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+
+
+def test_readme_architecture_examples_are_accepted(linear_project: Project) -> None:
+    root = linear_project.root
+    (root / "checkpoints" / "bert").mkdir(parents=True)
+    (root / "checkpoints" / "bert" / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    (root / "models" / "cnn.py").write_text("class SmallCNN:\n    pass\n")
+    lines = [ln for ln in re.search(r"```yaml\n(.*?)```", _section("Three ways to name an architecture"), re.S).group(1).splitlines() if ln]
+    sources = []
+    for i, line in enumerate(lines):
+        doc = {
+            "name": f"a{i}",
+            "checkpoint": {"path": "tiny.pth"},
+            "inputs": [{"name": "x", "shape": ["batch", 4]}],
+            **yaml.safe_load(line),
+        }
+        path = root / f"a{i}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        sources.append(load_spec(path).architecture.source)
+    assert sources == ["file", "factory", "factory", "transformers"]
+    block = re.search(r"```yaml\n(.*?)```", _section("Hugging Face folders"), re.S).group(1)
+    (root / "bert.yaml").write_text(block)
+    spec = load_spec(root / "bert.yaml")
+    assert spec.checkpoint.path == root / "checkpoints" / "bert" and spec.inputs[1].generate == "padding_mask"
+    assert yaml.safe_load((ROOT / "examples" / "bert.yaml").read_text())["inputs"] == yaml.safe_load(block)["inputs"]

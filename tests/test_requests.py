@@ -267,6 +267,9 @@ def test_parity_requests_are_stored_with_eager_answers(built) -> None:
     assert meta["inputs"][0]["image"]["crop"] == 16 and meta["outputs"][0]["shape"] == ["batch", 5]
     text_meta = json.loads((services["text"][1] / "marpipe.json").read_text())
     assert text_meta["text"] == {"tokenizer": "tokenizer.json", "max_length": 12} and text_meta["dim_max"] == {"seq": 16}
+    assert [(r["name"].lower(), r["for"]) for r in meta["requirements"]] == [("pillow", "image inputs")]
+    assert [(r["name"], r["for"]) for r in text_meta["requirements"]] == [("tokenizers", "text inputs")]
+    assert (services["text"][1] / "requirements.txt").read_text().startswith("tokenizers==")
     texts = json.loads((services["text"][1] / "parity_requests.json").read_text())
     assert [s["content_type"] for s in texts] == ["text/plain", "application/json"]
 

@@ -35,7 +35,8 @@ def store(tmp_path_factory) -> Path:
 
     make_checkpoints.main(EXAMPLES / "checkpoints")
     project = Project(tmp_path_factory.mktemp("serving"))
-    result = project.build("--format", "all", *sorted(EXAMPLES.glob("*.yaml")))
+    examples = sorted(p for p in EXAMPLES.glob("*.yaml") if p.stem != "bert")  # the BERT example: tests/test_models.py
+    result = project.build("--format", "all", *examples)
     assert result.returncode == 0, result.stdout + result.stderr
     project.save(project.model("Linear").state_dict(), "tiny.pth")
     two, dict_out = project.multi_io_specs()

@@ -5,15 +5,15 @@ Everything it needs to know comes from ``marpipe.json`` inside the archive.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
+from .architectures import builder, has_non_persistent_buffers, load_weights, params_on_meta
 from .npz import read_npz
+from .requirements import check as check_requirements
 
 METADATA = "marpipe.json"
 
@@ -95,18 +95,6 @@ def fit_threads(runner: Any, threads: int, batch: dict[str, np.ndarray] | None, 
     return threads, runner, ""
 
 
-def _import_architecture(model_dir: str, arch: dict) -> Any:
-    path = os.path.join(model_dir, arch["file"])
-    name = os.path.splitext(arch["file"])[0]
-    if model_dir not in sys.path:
-        sys.path.insert(0, model_dir)  # sibling modules shipped as extra files
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return getattr(module, arch["class"])
-
-
 SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
@@ -145,24 +133,31 @@ def read_safetensors(path: str) -> dict[str, Any]:
 
 
 def load_eager(model_dir: str, meta: dict, device: str) -> Any:
-    """Construct the architecture on the meta device and assign the mmap'd weights: one copy in memory."""
+    """Construct the architecture without allocating its weights and assign the mmap'd ones: one copy in memory.
+
+    The archive's third-party requirements are checked first, so a missing one is named, not an ImportError."""
     import torch
 
-    cls = _import_architecture(model_dir, meta["architecture"])
-    kwargs = meta["architecture"]["kwargs"]
+    check_requirements(meta)
+    make = builder(model_dir, meta["architecture"])
     path = os.path.join(model_dir, meta["artifact"])
     if path.endswith(".safetensors"):
         state = read_safetensors(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with torch.device("meta"):
-        model = cls(**kwargs)
-    if any(name not in state for name, _ in model.named_buffers()):
-        model = cls(**kwargs)  # non-persistent buffers need the real constructor
-        model.load_state_dict(state, strict=True)
-    else:
-        model.load_state_dict(state, strict=True, assign=True)
+        model = make()
+    if has_non_persistent_buffers(model, model.state_dict()):
+        with params_on_meta():  # their values come from the constructor; the weights still cost nothing
+            model = make()
+    load_weights(model, state, strict=True, assign=True)
     return model.eval().requires_grad_(False).to(device)
+
+
+def call(module: Any, tensors: dict[str, Any], by_name: bool) -> Any:
+    """The model called on named inputs: by keyword when marpipe.json says so (`call: keyword`), else by position
+    in the declared order."""
+    return module(**tensors) if by_name else module(*tensors.values())
 
 
 class TorchRunner:
@@ -173,13 +168,15 @@ class TorchRunner:
         self.device = device
         self.inputs = meta["inputs"]
         self.output_names = [o["name"] for o in meta["outputs"]]
+        self.by_name = meta.get("call") == "keyword"
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])).to(self.device, torch_dtype(t["dtype"])) for t in self.inputs]
+        tensors = {t["name"]: torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])) for t in self.inputs}
+        tensors = {t["name"]: tensors[t["name"]].to(self.device, torch_dtype(t["dtype"])) for t in self.inputs}
         with torch.inference_mode():
-            out = self.module(*args)
+            out = call(self.module, tensors, self.by_name)
         return name_outputs(out, self.output_names)
 
 

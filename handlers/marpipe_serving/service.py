@@ -18,6 +18,7 @@ from . import codecs
 from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, fit_threads, load_runner, thread_count, timing_batch
+from .requirements import check as check_requirements
 
 log = logging.getLogger("marpipe_handler")
 
@@ -35,6 +36,7 @@ class Service:
         serve = self.meta.get("serve", {})
         threads = thread_count(int(serve.get("max_workers", 1)))
         torch.set_num_threads(threads)
+        check_requirements(self.meta)  # Pillow, tokenizers, the architecture's packages: named, not an ImportError
         self.contract = Contract(self.meta, model_dir)
         self.runner = load_runner(model_dir, self.meta, device, gpu_id, threads)
         why = ""

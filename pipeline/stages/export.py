@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from handlers.marpipe_serving.models import call
 from pipeline import inputs
+from pipeline.arch import forward_order
 from pipeline.errors import ExportError, SpecError
 from pipeline.spec import BATCH, Spec
 from pipeline.stages.load import Loaded
@@ -24,24 +26,26 @@ class Exported:
     detail: str
 
 
-def run_eager(spec: Spec, model: Any, tensors: dict[str, Any]) -> Any:
-    """The eager forward pass on generated inputs; a failure means the declared inputs do not fit the model."""
+def run_eager(spec: Spec, model: Any, tensors: dict[str, Any], by_name: bool = False) -> Any:
+    """The eager forward pass on generated inputs (by keyword or by position, as the archive will call it); a
+    failure means the declared inputs do not fit the model."""
     import torch
 
     try:
         with torch.inference_mode():
-            return model(*tensors.values())
+            return call(model, tensors, by_name)
     except Exception as exc:
         shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items())
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise SpecError(f"{spec.source}: inputs: the model fails on inputs as declared ({shapes}): {type(exc).__name__}: {first}") from None
 
 
-def output_names(spec: Spec, model: Any, example: dict[str, Any]) -> list[str]:
-    """The spec's output names, or names derived from what the model returns; checked against it."""
+def output_names(spec: Spec, model: Any, example: dict[str, Any], by_name: bool = False) -> list[str]:
+    """The spec's output names, or names derived from what the model returns (a ModelOutput's keys too);
+    checked against it."""
     import torch
 
-    out = run_eager(spec, model, example)
+    out = run_eager(spec, model, example, by_name)
     if isinstance(out, torch.Tensor):
         derived = ["output"]
     elif isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
@@ -69,33 +73,47 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
 
     fmt = spec.export.format
     example = inputs.example(spec)
-    names = output_names(spec, loaded.model, example)
+    if loaded.by_name:  # exporters number a module's inputs in forward's order
+        example = {n: example[n] for n in forward_order(loaded.model, list(example))}
+    names = output_names(spec, loaded.model, example, loaded.by_name)
     path = workdir / ARTIFACTS[fmt]
-    args = tuple(example.values())
+    extra = _config_json(loaded, workdir)
     if fmt == "eager":
         if loaded.verbatim:
             # The checkpoint loads as it is: link it, and packaging copies it once (its sha256 is known).
             if loaded.checkpoint.format == "safetensors":
                 path = workdir / "weights.safetensors"
             path.symlink_to(loaded.checkpoint.path)
-            return Exported(fmt, [path], names, f"state_dict (the {loaded.checkpoint.format} file as it is)")
-        # Otherwise the normalised state_dict (prefixes stripped, casts applied) is what the handler loads.
+            return Exported(fmt, [path, *extra], names, f"state_dict (the {loaded.checkpoint.format} file as it is)")
+        # Otherwise the normalised state_dict (prefixes stripped, casts applied, shards merged) is what the handler loads.
         torch.save(loaded.model.state_dict(), path)
-        return Exported(fmt, [path], names, "state_dict (normalised)")
+        return Exported(fmt, [path, *extra], names, "state_dict (normalised)")
     if fmt == "torchscript":
-        return Exported(fmt, [path], names, _torchscript(spec, loaded.model, args, path))
-    return Exported(fmt, _onnx(spec, loaded.model, example, names, path), names, f"onnx ({spec.export.onnx_exporter})")
+        return Exported(fmt, [path, *extra], names, _torchscript(spec, loaded.model, example, loaded.by_name, path))
+    files = _onnx(spec, loaded.model, example, loaded.by_name, names, path)
+    return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter})")
 
 
-def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
+def _config_json(loaded: Loaded, workdir: Path) -> list[Path]:
+    """A transformers model's config.json (overrides applied): the eager handler builds the model from it."""
+    config = loaded.source.config if loaded.source else None
+    if config is None:
+        return []
+    config.to_json_file(str(workdir / "config.json"))
+    return [workdir / "config.json"]
+
+
+def _torchscript(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, path: Path) -> str:
     import torch
 
     method = spec.export.torchscript_method
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings are noise here: parity is the judge
-            if method == "trace":
-                module = torch.jit.trace(model, args, strict=False, check_trace=False)
+            if method == "trace" and by_name:
+                module = torch.jit.trace(model, example_kwarg_inputs=example, strict=False, check_trace=False)
+            elif method == "trace":
+                module = torch.jit.trace(model, tuple(example.values()), strict=False, check_trace=False)
             else:
                 module = torch.jit.script(model)
         torch.jit.save(module, str(path))
@@ -104,7 +122,7 @@ def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
     return f"torch.jit.{method}"
 
 
-def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], path: Path) -> list[Path]:
+def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names: list[str], path: Path) -> list[Path]:
     import logging
 
     import onnx
@@ -115,15 +133,19 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], pat
     kwargs: dict[str, Any] = dict(input_names=list(example), output_names=names)
     if spec.export.onnx_opset is not None:
         kwargs["opset_version"] = spec.export.onnx_opset
+    # by keyword: the inputs go in as kwargs, in forward's order (ONNX names them so); else positionally
+    args, kwargs["kwargs"] = ((), example) if by_name else (tuple(example.values()), None)
+    declared = {t.name: t for t in spec.inputs}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if spec.export.onnx_exporter == "dynamo":
                 dims = {d: torch.export.Dim(d, min=1) for d in [BATCH, *spec.dims]}
-                shapes = tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+                per_input = {n: {i: dims[d] for i, d in enumerate(declared[n].shape) if isinstance(d, str)} for n in example}
+                shapes = per_input if by_name else tuple(per_input.values())
                 torch.onnx.export(
                     model,
-                    tuple(example.values()),
+                    args,
                     str(path),
                     dynamo=True,
                     dynamic_shapes=shapes,
@@ -135,7 +157,7 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], pat
             else:
                 axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
                 axes.update({n: {0: BATCH} for n in names})
-                torch.onnx.export(model, tuple(example.values()), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
+                torch.onnx.export(model, args, str(path), dynamo=False, dynamic_axes=axes, **kwargs)
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
         raise ExportError(f"{spec.name}: onnx export ({spec.export.onnx_exporter}) failed: {_first_line(exc)}") from None

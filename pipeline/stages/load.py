@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.arch import construct, model_class
+from handlers.marpipe_serving.architectures import has_non_persistent_buffers, load_weights, tied_keys
+from pipeline.arch import ModelSource, construct, keyword_inputs, model_class
 from pipeline.checkpoint import RawCheckpoint, normalise_keys, read_checkpoint
 from pipeline.errors import CheckpointError
 from pipeline.spec import Spec
@@ -17,6 +18,9 @@ class Loaded:
     checkpoint: RawCheckpoint
     skipped: list[str] = field(default_factory=list)  # keys left out by strict: false
     cast: list[str] = field(default_factory=list)  # keys whose dtype was changed
+    source: ModelSource | None = None  # what built the model: its requirements, a transformers config
+    by_name: bool = False  # inputs passed by keyword (every declared input is a parameter of forward)
+    tied: list[str] = field(default_factory=list)  # keys absent from the checkpoint because they are tied to others
 
     @property
     def verbatim(self) -> bool:
@@ -24,6 +28,7 @@ class Loaded:
         ck = self.checkpoint
         return (
             ck.format in ("torch-zip", "safetensors")
+            and not ck.shards
             and not ck.nested_key
             and not ck.stripped
             and not ck.renamed
@@ -54,39 +59,42 @@ class Loaded:
             "ignored_extras": ck.ignored_extras,
             "skipped_keys": self.skipped,
             "cast_keys": len(self.cast),
+            **({"index": ck.index, "files": ck.shards} if ck.shards else {}),
         }
 
 
 def run(spec: Spec) -> Loaded:
-    cls = model_class(spec)
+    source = model_class(spec)
     cfg = spec.checkpoint
     raw = read_checkpoint(cfg.path, cfg.sha256)
     normalise_keys(raw, cfg.strip_prefix, cfg.key_map)
     # Meta construction costs no memory; the mmap'd tensors are then assigned, not copied.
-    model = construct(spec, cls, "meta")
+    model = construct(spec, source, "meta")
     expected = model.state_dict()
     sd = raw.state_dict
-    skipped = _check_keys(spec, raw, expected)
+    tied = tied_keys(model, set(sd))  # saved once (save_pretrained, safetensors): tied again after loading
+    skipped = _check_keys(spec, raw, expected, set(tied))
     if skipped:
         sd = {k: v for k, v in sd.items() if k not in skipped}
     cast = _check_values(spec, raw, expected, sd)
-    materialise = not cfg.strict or _has_non_persistent_buffers(model, expected)
-    if materialise:
-        # Missing keys (strict: false) and non-persistent buffers need the constructor's real initialisation.
-        model = construct(spec, cls, "cpu")
+    if not cfg.strict:
+        model = construct(spec, source, "cpu")  # missing keys need the constructor's real initialisation
+    elif has_non_persistent_buffers(model, expected):
+        model = construct(spec, source, "cpu", params_only=True)  # their values come from the constructor
     try:
-        model.load_state_dict(sd, strict=cfg.strict, assign=not materialise)
+        load_weights(model, sd, strict=cfg.strict, assign=cfg.strict)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {cfg.path}: load_state_dict failed: {str(exc).splitlines()[0]}") from None
     model.eval()
     model.requires_grad_(False)
-    return Loaded(model=model, checkpoint=raw, skipped=sorted(skipped), cast=cast)
+    by_name = keyword_inputs(model, [t.name for t in spec.inputs])
+    return Loaded(model=model, checkpoint=raw, skipped=sorted(skipped), cast=cast, source=source, by_name=by_name, tied=sorted(tied))
 
 
-def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any]) -> set[str]:
-    """Missing, unexpected and mis-shaped keys: an error when strict, the keys to skip otherwise."""
+def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], tied: set[str]) -> set[str]:
+    """Missing (other than tied), unexpected and mis-shaped keys: an error when strict, the keys to skip otherwise."""
     sd = raw.state_dict
-    missing = sorted(set(expected) - set(sd))
+    missing = sorted(set(expected) - set(sd) - tied)
     unexpected = sorted(set(sd) - set(expected))
     mismatched = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape))
     if not spec.checkpoint.strict:
@@ -150,10 +158,6 @@ def _all_finite(tensor: Any, step: int = 1 << 22) -> bool:
         return True
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
-
-
-def _has_non_persistent_buffers(model: Any, expected: dict[str, Any]) -> bool:
-    return any(name not in expected for name, _ in model.named_buffers())
 
 
 def _few(items: list[str], n: int = 5) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
+from handlers.marpipe_serving.architectures import ATTN_IMPLEMENTATION
 from pipeline import archive, samples
 from pipeline.errors import SpecError
 from pipeline.spec import Spec, TensorSpec
@@ -24,7 +25,8 @@ HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py
 TOKENIZER = "tokenizer.json"
 SERVING = HANDLER.parent / "marpipe_serving"  # the handler's package: travels beside it in every archive
 RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name, SERVING.name}
-RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors", TOKENIZER, samples.INDEX, "parity_requests"}
+RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors", "config.json", "requirements.txt"}
+RESERVED |= {TOKENIZER, samples.INDEX, "parity_requests"}
 
 
 @dataclass
@@ -53,7 +55,10 @@ def versions() -> dict[str, str]:
 def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
     """Copy the handler, the architecture source and extra files into the private staging folder."""
     handler = spec.serve.handler or HANDLER
-    files = {handler.name: handler, spec.architecture.file.name: spec.architecture.file}
+    arch_file = spec.architecture.file
+    files = {handler.name: handler}
+    if arch_file is not None:  # a factory or transformers model has no source of its own to ship
+        files[arch_file.name] = arch_file
     if spec.serve.handler is not None:
         files[HANDLER.name] = HANDLER  # a user handler may import ours
     files.update(handler_package())
@@ -67,10 +72,8 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
         if extra.name in files or extra.name in RESERVED:
             raise SpecError(f"{spec.source}: serve.extra_files[{i}]: {extra.name!r} clashes with another archive entry; rename it")
         files[extra.name] = extra
-    if spec.architecture.file.name in RESERVED:
-        raise SpecError(
-            f"{spec.source}: architecture.file: the name {spec.architecture.file.name!r} is reserved by marpipe; rename the file"
-        )
+    if arch_file is not None and arch_file.name in RESERVED:
+        raise SpecError(f"{spec.source}: architecture.file: the name {arch_file.name!r} is reserved by marpipe; rename the file")
     for name, src in files.items():
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, workdir / name)
@@ -90,7 +93,10 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "version": spec.version,
         "format": exported.format,
         "artifact": exported.files[0].name,
-        "architecture": {"file": spec.architecture.file.name, "class": spec.architecture.class_name, "kwargs": spec.architecture.kwargs},
+        "architecture": architecture(spec),
+        "call": "keyword" if loaded.by_name else "positional",
+        # what the eager handler imports beyond torch and numpy; TorchScript and ONNX archives need none
+        "requirements": requirements(spec, loaded, exported.format),
         "inputs": [_input(t) for t in spec.inputs],
         "outputs": [_output(spec, n) for n in exported.output_names],
         "dims": {k: list(v) for k, v in spec.dims.items()},
@@ -119,7 +125,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
 
 
 def _input(t: TensorSpec) -> dict[str, Any]:
-    record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None}
+    record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None, **_generate(t)}
     if t.image:
         record["image"] = t.image.record()
     return record
@@ -151,6 +157,40 @@ def _config_labels(spec: Spec) -> tuple[str, ...]:
         return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{spec.source}: outputs: labels: from_config: {config.name} has an unreadable id2label ({exc})") from None
+
+
+def architecture(spec: Spec) -> dict[str, Any]:
+    """How the handler builds the model (handlers/marpipe_serving/architectures.py reads it)."""
+    arch = spec.architecture
+    if arch.source == "factory":
+        return {"source": "factory", "factory": arch.factory, "kwargs": arch.kwargs}
+    if arch.source == "transformers":
+        return {
+            "source": "transformers",
+            "class": arch.class_name,
+            "config": "config.json",
+            "kwargs": arch.kwargs,  # already applied to config.json
+            "attn_implementation": ATTN_IMPLEMENTATION,
+        }
+    return {"source": "file", "file": arch.file.name, "class": arch.class_name, "kwargs": arch.kwargs}
+
+
+def requirements(spec: Spec, loaded: Loaded, fmt: str) -> list[dict[str, str]]:
+    """What the server must have beyond torch, numpy (and onnxruntime for ONNX): the packages an eager archive's
+    architecture imports, and the libraries its request forms need (Pillow for images, tokenizers for text)."""
+    found = [dict(r, **{"for": "architecture"}) for r in loaded.source.requirements()] if loaded.source and fmt == "eager" else []
+    for dist, why, needed in (("pillow", "image inputs", any(t.image for t in spec.inputs)), ("tokenizers", "text inputs", spec.text)):
+        if needed and not any(r["name"].lower() == dist for r in found):
+            meta = importlib.metadata.metadata(dist)
+            found.append({"name": meta["Name"], "version": meta["Version"], "for": why})
+    return found
+
+
+def _generate(t: Any) -> dict[str, Any]:
+    """How parity generated an input, when the spec says (`generate`): padding_mask or {range: [low, high]}."""
+    if t.generate is None:
+        return {}
+    return {"generate": t.generate if isinstance(t.generate, str) else {"range": list(t.generate)}}
 
 
 def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported) -> AbstractContextManager[archive.Draft]:
@@ -186,6 +226,10 @@ def run(
     config = workdir / "model-config.yaml"
     config.write_text(model_config(spec))
     files[config.name] = config
+    if meta.get("requirements"):  # pip install -r requirements.txt: what an eager archive's server needs
+        reqs = workdir / "requirements.txt"
+        reqs.write_text("".join(f"{r['name']}=={r['version']}\n" for r in meta["requirements"]))
+        files[reqs.name] = reqs
     for name, arrays in (("parity_inputs.npz", parity.reference_inputs), ("parity_outputs.npz", parity.reference_outputs)):
         archive.write_npz(workdir / name, arrays)
         files[name] = workdir / name

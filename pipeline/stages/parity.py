@@ -95,7 +95,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     for s, dims in enumerate(shapes):
         for k in range(spec.parity.samples):
             tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
-            expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}), names)
+            expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}, loaded.by_name), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
     raw = _raw_samples(spec, model, workdir, meta, device)
     _check_labels(spec, meta, cases[0][3])
