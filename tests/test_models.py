@@ -148,9 +148,9 @@ def test_every_bert_format_built_from_the_sharded_folder(project: Project) -> No
         assert meta["inputs"][1]["generate"] == "padding_mask"
         assert len(meta["checkpoint"]["files"]) >= 4  # the index and its shards, each with its sha256
         assert all(r["passed"] for r in meta["parity"]["outputs"].values())
-        eager = meta["format"] == "eager"
-        assert [r["name"] for r in meta["requirements"]] == (["transformers"] if eager else [])
-        assert ("requirements.txt" in z.namelist()) == eager
+        eager, texts = meta["format"] == "eager", meta["text"] is not None  # the example takes text; bertbin does not
+        assert [r["name"] for r in meta["requirements"]] == (["transformers"] if eager else []) + (["tokenizers"] if texts else [])
+        assert ("requirements.txt" in z.namelist()) == (eager or texts)
 
 
 def test_smoke_on_models_as_users_have_them(project: Project) -> None:
@@ -201,6 +201,9 @@ def serving(project: Project):
             proc.wait(timeout=60)
 
 
+RAW = "application/json; raw=true"  # the logits themselves, not the labels the example answers with
+
+
 def _post(port: int, key: str, name: str, body: bytes, ctype: str, accept: str | None = None) -> tuple[int, bytes]:
     import urllib.error
     import urllib.request
@@ -223,9 +226,8 @@ def test_padded_requests_answer_like_the_eager_model(project: Project, serving, 
     with torch.inference_mode():
         expected = reference(**padded).logits.numpy()
     arrays = {k: v.numpy() for k, v in padded.items()}
-    code, body = _post(
-        port, key, f"bert_{fmt}", json.dumps({"inputs": {k: v.tolist() for k, v in arrays.items()}}).encode(), "application/json"
-    )
+    body = json.dumps({"inputs": {k: v.tolist() for k, v in arrays.items()}}).encode()
+    code, body = _post(port, key, f"bert_{fmt}", body, "application/json", RAW)
     assert code == 200, body
     np.testing.assert_allclose(np.asarray(json.loads(body)["outputs"]["logits"]), expected, atol=1e-4, rtol=1e-3)
     buf = io.BytesIO()
@@ -237,9 +239,32 @@ def test_padded_requests_answer_like_the_eager_model(project: Project, serving, 
     # padding changes nothing: each row alone, unpadded, gets the same answer
     for i, n in enumerate(lengths):
         alone = {k: v[i : i + 1, :n].tolist() for k, v in arrays.items()}
-        code, body = _post(port, key, f"bert_{fmt}", json.dumps({"inputs": alone}).encode(), "application/json")
+        code, body = _post(port, key, f"bert_{fmt}", json.dumps({"inputs": alone}).encode(), "application/json", RAW)
         assert code == 200, body
         np.testing.assert_allclose(np.asarray(json.loads(body)["outputs"]["logits"])[0], expected[i], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["eager", "onnx"])
+def test_text_requests_answer_labels_like_eager(project: Project, serving, fmt: str) -> None:
+    """The example's clients send text: tokenized by the folder's tokenizer.json, answered with the config's labels."""
+    from tokenizers import Tokenizer
+
+    _, port, key = serving
+    tok = Tokenizer.from_file(str(project.root / "checkpoints" / "bert" / "tokenizer.json"))
+    texts = ["The movie was GREAT!", "boring plot, bad acting and a slow ending", "fun"]
+    reference, expected = tiny_bert(), []
+    for text in texts:
+        ids = torch.tensor([tok.encode(text).ids])  # unpadded, one at a time
+        with torch.inference_mode():
+            expected.append(torch.softmax(reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, -1)[0].numpy())
+    code, body = _post(port, key, f"bert_{fmt}", json.dumps({"inputs": {"text": texts}}).encode(), "application/json")
+    assert code == 200, body
+    code2, body2 = _post(port, key, f"bert_{fmt}", texts[1].encode(), "text/plain")
+    assert code2 == 200, body2
+    for row, want in zip([*json.loads(body)["outputs"]["logits"], *json.loads(body2)["outputs"]["logits"]], [*expected, expected[1]]):
+        order = np.argsort(-want)
+        assert [r["label"] for r in row] == [("negative", "neutral", "positive")[i] for i in order]
+        np.testing.assert_allclose([r["score"] for r in row], want[order], atol=1e-4)
 
 
 def test_range_stays_the_rule_for_requests(serving) -> None:
