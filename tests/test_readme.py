@@ -65,6 +65,7 @@ def test_readme_architecture_examples_are_accepted(linear_project: Project) -> N
     root = linear_project.root
     (root / "checkpoints" / "bert").mkdir(parents=True)
     (root / "checkpoints" / "bert" / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    (root / "checkpoints" / "bert" / "tokenizer.json").write_text("{}")
     (root / "models" / "cnn.py").write_text("class SmallCNN:\n    pass\n")
     lines = [ln for ln in re.search(r"```yaml\n(.*?)```", _section("Three ways to name an architecture"), re.S).group(1).splitlines() if ln]
     sources = []
@@ -83,4 +84,5 @@ def test_readme_architecture_examples_are_accepted(linear_project: Project) -> N
     (root / "bert.yaml").write_text(block)
     spec = load_spec(root / "bert.yaml")
     assert spec.checkpoint.path == root / "checkpoints" / "bert" and spec.inputs[1].generate == "padding_mask"
-    assert yaml.safe_load((ROOT / "examples" / "bert.yaml").read_text())["inputs"] == yaml.safe_load(block)["inputs"]
+    example = yaml.safe_load((ROOT / "examples" / "bert.yaml").read_text())
+    assert all(example[k] == yaml.safe_load(block)[k] for k in ("inputs", "dims", "text", "outputs"))
