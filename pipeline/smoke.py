@@ -9,27 +9,20 @@ from __future__ import annotations
 import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import server as ts
+from pipeline.archive_dir import list_archives, read_entry
 from pipeline.errors import PackageError, SpecError
 from pipeline.stages.parity import compare
 
 
-def _npz(z: zipfile.ZipFile, name: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(z.read(name)), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
 def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
     """Replay one archive's stored inputs in JSON and npz; one result row per transport."""
-    with zipfile.ZipFile(path) as z:
-        meta = json.loads(z.read("marpipe.json"))
-        inputs, expected = _npz(z, "parity_inputs.npz"), _npz(z, "parity_outputs.npz")
-    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    meta = json.loads(read_entry(path, "marpipe.json"))
+    inputs, expected = (_npz_bytes(read_entry(path, n)) for n in ("parity_inputs.npz", "parity_outputs.npz"))
     rows = []
     bodies = {
         "json": (json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode(), {"Content-Type": "application/json"}),
@@ -48,17 +41,24 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
             row["why"] = f"unreadable answer: {exc}"
             rows.append(row)
             continue
-        worst, why = 0.0, []
-        for out, ref in expected.items():
-            atol, rtol = tolerances.get(out, (meta["parity"]["outputs"][out]["atol"], meta["parity"]["outputs"][out]["rtol"]))
-            result = compare(ref, got.get(out), atol, rtol)
-            worst = max(worst, result.get("max_abs", float("inf")))
-            if not result["ok"]:
-                detail = result.get("why") or f"max abs {result['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|eager|"
-                why.append(f"{out}: {detail}")
+        worst, why = judge(meta, expected, got)
         row.update(ok=not why, max_abs=worst, why="; ".join(why))
         rows.append(row)
     return rows
+
+
+def judge(meta: dict, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, list[str]]:
+    """An answer against the archive's stored eager outputs, within its own tolerances: (max abs error, faults)."""
+    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    worst, why = 0.0, []
+    for out, ref in expected.items():
+        atol, rtol = tolerances.get(out, (meta["parity"]["outputs"][out]["atol"], meta["parity"]["outputs"][out]["rtol"]))
+        result = compare(ref, got.get(out), atol, rtol)
+        worst = max(worst, result.get("max_abs", float("inf")))
+        if not result["ok"]:
+            detail = result.get("why") or f"max abs {result['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|eager|"
+            why.append(f"{out}: {detail}")
+    return worst, why
 
 
 def _to_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -73,7 +73,7 @@ def _npz_bytes(data: bytes) -> dict[str, np.ndarray]:
 
 
 def smoke(store: Path, names: list[str], timeout: float) -> int:
-    archives = sorted(store.glob("*.mar"))
+    archives = list_archives(store)
     if names:
         by_name = {ts.archive_model_name(a): a for a in archives}
         missing = [n for n in names if n not in by_name]
@@ -81,7 +81,7 @@ def smoke(store: Path, names: list[str], timeout: float) -> int:
             raise SpecError(f"no archive for {', '.join(missing)} in {store} (have: {', '.join(sorted(by_name)) or 'none'})")
         archives = [by_name[n] for n in names]
     if not archives:
-        raise PackageError(f"no .mar archives in {store}; run marpipe build (or make build) first")
+        raise PackageError(f"no archives in {store}; run marpipe build (or make build) first")
     rows: list[dict] = []
     with ts.running(store, archives) as server:
         print(f"TorchServe on {server.url('inference', '')}: waiting for {len(archives)} models", file=sys.stderr)
