@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=_positive, help="workers of the new version (default: the archive's serve.min_workers)")
     d.add_argument("--timeout", type=float, default=300, help="seconds for registration and for the workers to be READY (default 300)")
     d.add_argument("--report", type=Path, help="also write the table of what changed as JSON")
+
+    k = sub.add_parser("kserve", help="lay out a store for KServe's TorchServe runtime: config, model-store, InferenceService")
+    k.add_argument("out", type=Path, metavar="OUT", help="folder to write config/, model-store/ and inferenceservice.yaml into")
+    k.add_argument("--store", default="model_store", type=Path, help="the archives to serve (default: model_store)")
+    k.add_argument("--storage-uri", help="where OUT will be uploaded, for the InferenceService (default: pvc://marpipe-models/<OUT name>)")
+    k.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="the InferenceService's protocolVersion (default v1)")
     return p
 
 
@@ -248,6 +254,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return deploy(args.archives, client, target, Options(args.workers, args.timeout, args.keep), args.report)
 
 
+def cmd_kserve(args: argparse.Namespace) -> int:
+    from pipeline.kserve import kserve
+
+    return kserve(args.store, args.out, args.storage_uri, args.protocol)
+
+
 COMMANDS = {
     "build": cmd_build,
     "inspect": cmd_inspect,
@@ -256,4 +268,5 @@ COMMANDS = {
     "serve": cmd_serve,
     "bench": cmd_bench,
     "deploy": cmd_deploy,
+    "kserve": cmd_kserve,
 }

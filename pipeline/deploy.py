@@ -367,7 +367,7 @@ class Deployer:
         """Unregister versions beyond the newest `keep`: the new default, the previous one, then by version."""
         _, versions = self.versions(a.name)
         first = [a.version] + ([previous["modelVersion"]] if previous else [])
-        rest = sorted((v["modelVersion"] for v in versions if v["modelVersion"] not in first), key=_version_key, reverse=True)
+        rest = sorted((v["modelVersion"] for v in versions if v["modelVersion"] not in first), key=version_key, reverse=True)
         order = [*dict.fromkeys(first), *rest]
         urls = {v["modelVersion"]: v["modelUrl"] for v in versions}
         failed = []
@@ -409,7 +409,7 @@ def _text(body: bytes) -> str:
     return " ".join(text.split())
 
 
-def _version_key(version: str) -> list[tuple[int, int, str]]:
+def version_key(version: str) -> list[tuple[int, int, str]]:
     """Natural order: 1.10 after 1.9; numbers before text at the same place."""
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", version)]
 
