@@ -246,7 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pipeline.deploy import FolderTarget, Options, UrlTarget, deploy
+    from pipeline.deploy import Options, deploy
+    from pipeline.placement import FolderTarget, UrlTarget
     from pipeline.server import Client
 
     client = Client.from_key_file(args.management, args.inference, args.token_file)
