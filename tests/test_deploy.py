@@ -243,9 +243,12 @@ def test_registering_from_urls_the_server_downloads(server, built, web) -> None:
     elsewhere = base.replace("127.0.0.1", "localhost")  # the same server, but not matching allowed_urls
     result = _deploy(server, built["other"], extra=("--url-base", elsewhere))
     assert result.returncode == 6 and "does not match any allowed URL" in result.stderr, result.stderr
-    result = _deploy(server, built["other"], extra=("--url-base", base))
+    result = _deploy(server, built["other"], extra=("--url-base", base, "--workers", "2"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert _versions(srv, "other") == ("1.0", ["1.0"])
     assert (store / name).is_file()  # TorchServe saved the download under the URL's file name
-    assert json.loads(srv.request("management", "/models/other")[2])[0]["modelUrl"] == f"{base}/{name}"
+    described = json.loads(srv.request("management", "/models/other")[2])[0]
+    assert described["modelUrl"] == f"{base}/{name}"
+    # the archive's model-config.yaml says 1 worker, which TorchServe prefers to initial_workers: deploy scaled it
+    assert [w["status"] for w in described["workers"]] == ["READY", "READY"]
     np.testing.assert_allclose(_answer(srv, "/predictions/other"), _expected(_state(7)), rtol=1e-5, atol=1e-5)
