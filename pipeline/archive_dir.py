@@ -171,7 +171,11 @@ def put_in_place(tmp: Path, target: Path) -> None:
         if not exchange(tmp, target):
             aside = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
             os.rename(target, aside)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(aside, target)  # the previous archive back under its name
+                raise
             tmp = aside
         shutil.rmtree(tmp, ignore_errors=True)  # the previous archive
     archive._fsync_dir(target.parent)
