@@ -99,7 +99,7 @@ class Deployer:
             a = read_archive(path)
             self._deploy(a)
         except PipelineError as exc:
-            if not self.rows or self.rows[-1].exit_code != exc.exit_code or self.rows[-1].note != exc.message:
+            if not getattr(exc, "recorded", False):  # not already in the table (a rollback, a refused unregistration)
                 name, version, file = (a.name, a.version, a.file_name) if a else ("-", "-", str(path))
                 self.rows.append(Row(name, version, "failed", file, exc.message, exc.exit_code))
             raise
@@ -130,6 +130,7 @@ class Deployer:
             why = self._rollback(a, place, default)
             exc.message = f"{a.path}: {exc.message}; {why}"
             self.rows.append(Row(a.name, a.version, "rolled back", a.file_name, exc.message, exc.exit_code))
+            exc.recorded = True
             raise
         was = f" (was {default['modelVersion']})" if default else ""
         self.rows.append(Row(a.name, a.version, "deployed", a.file_name, f"default{was}; live check max abs err {worst:.3g}"))
@@ -145,6 +146,8 @@ class Deployer:
         place.registered = True
         try:
             code, _, body = self.client.request("management", f"/models?{query}", method="POST", timeout=self.opts.timeout)
+        except TimeoutError:  # a synchronous registration answers once the workers loaded
+            raise ParityError(f"workers of {a.name} {a.version} not READY within {self.opts.timeout:g} s (registration pending)") from None
         except OSError as exc:
             raise PackageError(f"registering {place.url}: no answer ({exc})") from None
         text = _text(body)
@@ -235,7 +238,9 @@ class Deployer:
             self.rows.append(Row(a.name, version, "unregistered", _base(urls[version]), note))
             _say(f"{a.name} {version}: unregistered ({note})")
         if failed:
-            raise PackageError(f"{a.name}: {a.version} is the default, but unregistering old versions failed: {'; '.join(failed)}")
+            exc = PackageError(f"{a.name}: {a.version} is the default, but unregistering old versions failed: {'; '.join(failed)}")
+            exc.recorded = True
+            raise exc
 
 
 def _ours(name: str, version: str, url: str) -> bool:
