@@ -54,7 +54,7 @@ bench: $(STAMP) ## packaging, cold-start and throughput benchmarks (SIZE_GB=1 by
 	$(PY) benchmarks/bench.py --size-gb $(or $(SIZE_GB),1)
 
 clean: ## remove built archives, reports and example checkpoints
-	rm -rf $(STORE)/*.mar $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
+	rm -rf $(STORE)/*.mar $(STORE)/*/ $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV) *.egg-info

@@ -132,6 +132,12 @@ def manifest(model_name: str, version: str, artifact: str, handler: str) -> byte
     return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
+def metadata_bytes(metadata: dict, hashes: dict[str, str]) -> bytes:
+    """marpipe.json: the metadata with the sha256 of every other entry, as both layouts write it."""
+    meta = dict(metadata, files=dict(sorted(hashes.items())))
+    return json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
 def write_archive(
     target: Path,
     files: dict[str, Path],
@@ -145,9 +151,11 @@ def write_archive(
 
 
 @contextlib.contextmanager
-def begin(target: Path, ahead: tuple[str, Path, Known] | None = None) -> Iterator[Draft]:
-    """An archive in the making; leaving the block without `finish` removes every trace of it."""
-    draft = Draft(target)
+def begin(target: Path, ahead: tuple[str, Path, Known] | None = None, kind: type[Draft] | None = None) -> Iterator[Draft]:
+    """An archive in the making; leaving the block without `finish` removes every trace of it.
+
+    `kind`: the Draft class (`archive_dir.DirDraft` writes a directory archive)."""
+    draft = (kind or Draft)(target)
     try:
         draft.open(ahead)
         yield draft
@@ -221,6 +229,11 @@ class Draft:
         except Exception as exc:  # a bug: reported by finish, not by a thread's traceback
             self._error = PackageError(f"writing {self.target}: {type(exc).__name__}: {exc}")
 
+    @property
+    def copied_ahead(self) -> str | None:
+        """The name of the entry copied while parity ran, if one was."""
+        return self.ahead[0].filename if self.ahead else None
+
     def finish(self, files: dict[str, Path], metadata: dict, manifest_bytes: bytes) -> dict[str, str]:
         """Write the entries (sorted by name, then marpipe.json, then the manifest), fsync, rename into place.
 
@@ -244,8 +257,7 @@ class Draft:
                     for name in sorted(files):
                         if name not in hashes:
                             hashes[name] = _stream(z, name, files[name])
-                    meta = dict(metadata, files=dict(sorted(hashes.items())))
-                    for name, data in ((METADATA, json.dumps(meta, indent=2, sort_keys=True).encode()), (MANIFEST, manifest_bytes)):
+                    for name, data in ((METADATA, metadata_bytes(metadata, hashes)), (MANIFEST, manifest_bytes)):
                         z.writestr(_info(name), data)
                         hashes[name] = hashlib.sha256(data).hexdigest()
                     z.filelist.sort(key=lambda i: order.index(i.filename))  # the directory in name order
@@ -370,7 +382,13 @@ def _ends_with_directory(path: Path) -> bool:
 
 
 def verify(path: Path) -> list[str]:
-    """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash."""
+    """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash.
+
+    A directory archive (`marpipe build --layout dir`) gets the same content checks (`archive_dir.verify`)."""
+    if path.is_dir():
+        from pipeline import archive_dir
+
+        return archive_dir.verify(path)
     faults: list[str] = []
     if not path.is_file():
         return ["no such file"]
@@ -397,45 +415,57 @@ def verify(path: Path) -> list[str]:
                 faults.append(f"entry {bad!r} fails its CRC check")
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             return faults + [f"truncated or corrupt: {exc}"]
-        if MANIFEST not in names:
-            return faults + [f"no {MANIFEST}: TorchServe cannot load it"]
-        try:
-            man = json.loads(z.read(MANIFEST))
-            model = man["model"]
-            for key in ("modelName", "handler"):
-                if not isinstance(model.get(key), str):
-                    faults.append(f"{MANIFEST}: model.{key} missing")
-            handler = str(model.get("handler", "")).split(":")[0]
-            if handler and not handler.endswith(".py"):
-                handler += ".py"
-            for key, entry in (
-                ("handler", handler),
-                ("serializedFile", model.get("serializedFile")),
-                ("configFile", model.get("configFile")),
-            ):
-                if entry and entry not in names:
-                    faults.append(f"{MANIFEST}: model.{key} {entry!r} is not in the archive")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            faults.append(f"{MANIFEST} is not valid: {exc}")
-        if METADATA not in names:
-            return faults + [f"no {METADATA}: not built by marpipe (nothing to check hashes against)"]
-        try:
-            listed = json.loads(z.read(METADATA))["files"]
-        except (ValueError, KeyError, TypeError) as exc:
-            return faults + [f"{METADATA} is not valid: {exc}"]
-        for name in sorted(set(names) - {METADATA, MANIFEST} - set(listed)):
-            faults.append(f"entry {name!r} is not listed in {METADATA}")
-        for name, want in sorted(listed.items()):
-            if name not in names:
-                faults.append(f"{name!r} listed in {METADATA} but missing")
-                continue
+
+        def sha256(name: str) -> str | None:
             digest = hashlib.sha256()
             try:
                 with z.open(name) as f:
                     while chunk := f.read(CHUNK):
                         digest.update(chunk)
             except (zipfile.BadZipFile, OSError, EOFError):
-                continue  # already reported by the CRC check
-            if digest.hexdigest() != want:
-                faults.append(f"{name!r}: sha256 {digest.hexdigest()[:12]}… does not match {want[:12]}…")
+                return None  # already reported by the CRC check
+            return digest.hexdigest()
+
+        return faults + content_faults(set(names), z.read, sha256)
+
+
+def content_faults(names: set[str], read: Callable[[str], bytes], sha256: Callable[[str], str | None]) -> list[str]:
+    """The checks both layouts share: the manifest TorchServe reads, marpipe.json, and every entry's sha256
+    against it. `read` returns an entry's bytes; `sha256` its digest, or None when it could not be read."""
+    faults: list[str] = []
+    if MANIFEST not in names:
+        return [f"no {MANIFEST}: TorchServe cannot load it"]
+    try:
+        man = json.loads(read(MANIFEST))
+        model = man["model"]
+        for key in ("modelName", "handler"):
+            if not isinstance(model.get(key), str):
+                faults.append(f"{MANIFEST}: model.{key} missing")
+        handler = str(model.get("handler", "")).split(":")[0]
+        if handler and not handler.endswith(".py"):
+            handler += ".py"
+        for key, entry in (
+            ("handler", handler),
+            ("serializedFile", model.get("serializedFile")),
+            ("configFile", model.get("configFile")),
+        ):
+            if entry and entry not in names:
+                faults.append(f"{MANIFEST}: model.{key} {entry!r} is not in the archive")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        faults.append(f"{MANIFEST} is not valid: {exc}")
+    if METADATA not in names:
+        return faults + [f"no {METADATA}: not built by marpipe (nothing to check hashes against)"]
+    try:
+        listed = json.loads(read(METADATA))["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return faults + [f"{METADATA} is not valid: {exc}"]
+    for name in sorted(names - {METADATA, MANIFEST} - set(listed)):
+        faults.append(f"entry {name!r} is not listed in {METADATA}")
+    for name, want in sorted(listed.items()):
+        if name not in names:
+            faults.append(f"{name!r} listed in {METADATA} but missing")
+            continue
+        got = sha256(name)
+        if got is not None and got != want:
+            faults.append(f"{name!r}: sha256 {got[:12]}… does not match {want[:12]}…")
     return faults

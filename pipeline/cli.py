@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), help="parity device (default: the spec's parity.device)")
     b.add_argument("--report", type=Path, help="write a JSON report with per-stage status and duration")
     b.add_argument("--fail-fast", action="store_true", help="stop at the first failed build")
+    b.add_argument(
+        "--layout",
+        choices=("mar", "dir"),
+        default="mar",
+        help="mar: <name>.mar (default); dir: the folder <name>/ that TorchServe serves without extracting it",
+    )
 
     i = sub.add_parser("inspect", help="describe a checkpoint: format, sha256, tensors, parameters, prefixes")
     i.add_argument("checkpoint", type=Path)
@@ -72,7 +78,36 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-auth", action="store_true", help="turn token authorization off (trusted networks only)")
     r.add_argument("--enable-model-api", action="store_true", help="allow registering models over the management API")
     r.add_argument("--workdir", type=Path, default=Path(".marpipe-serve"), help="config, logs, key file and temp folder")
+
+    d = sub.add_parser("deploy", help="register archives on a running TorchServe as new versions, check them live, then make them default")
+    d.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE", help=".mar files or directory archives")
+    d.add_argument("--management", required=True, help="the server's management API, e.g. http://127.0.0.1:8081")
+    d.add_argument("--inference", required=True, help="the server's inference API, e.g. http://127.0.0.1:8080")
+    where = d.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model-store", type=Path, help="the server's own model store folder: archives are copied in")
+    where.add_argument("--url-base", help="http(s) URL the server downloads archives from: each must be at <url-base>/<deploy name>")
+    d.add_argument("--token-file", type=Path, help="TorchServe's key_file.json (token authorization); without it no token is sent")
+    d.add_argument("--keep", type=_positive, default=2, help="versions kept registered per model, the default among them (default 2)")
+    d.add_argument("--workers", type=_positive, help="workers of the new version (default: the archive's serve.min_workers)")
+    d.add_argument("--timeout", type=float, default=300, help="seconds for registration and for the workers to be READY (default 300)")
+    d.add_argument("--report", type=Path, help="also write the table of what changed as JSON")
+
+    k = sub.add_parser("kserve", help="lay out a store for KServe's TorchServe runtime: config, model-store, InferenceService")
+    k.add_argument("out", type=Path, metavar="OUT", help="folder to write config/, model-store/ and inferenceservice.yaml into")
+    k.add_argument("--store", default="model_store", type=Path, help="the archives to serve (default: model_store)")
+    k.add_argument("--storage-uri", help="where OUT will be uploaded, for the InferenceService (default: pvc://marpipe-models/<OUT name>)")
+    k.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="the InferenceService's protocolVersion (default v1)")
     return p
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a whole number of at least 1")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +156,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     names = [j.name for j in jobs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise SpecError(f"two builds would write the same archive: {', '.join(dup)}.mar; give the specs different names")
+        ext = ".mar" if args.layout == "mar" else "/"
+        raise SpecError(f"two builds would write the same archive: {', '.join(d + ext for d in dup)}; give the specs different names")
     from pipeline.checkpoint import prescan
 
     for path in dict.fromkeys(j.checkpoint.path for j in jobs):
@@ -132,7 +168,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     first_error: PipelineError | None = None
     for job in jobs:
         try:
-            reports.append(build(job, args.store, args.device).as_dict())
+            reports.append(build(job, args.store, args.device, args.layout).as_dict())
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             report = getattr(exc, "report", None)
@@ -209,6 +245,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(args)
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipeline.deploy import Options, deploy
+    from pipeline.placement import FolderTarget, UrlTarget
+    from pipeline.server import Client
+
+    client = Client.from_key_file(args.management, args.inference, args.token_file)
+    target = FolderTarget(args.model_store) if args.model_store else UrlTarget(args.url_base)
+    return deploy(args.archives, client, target, Options(args.workers, args.timeout, args.keep), args.report)
+
+
+def cmd_kserve(args: argparse.Namespace) -> int:
+    from pipeline.kserve import kserve
+
+    return kserve(args.store, args.out, args.storage_uri, args.protocol)
+
+
 COMMANDS = {
     "build": cmd_build,
     "inspect": cmd_inspect,
@@ -216,4 +268,6 @@ COMMANDS = {
     "smoke": cmd_smoke,
     "serve": cmd_serve,
     "bench": cmd_bench,
+    "deploy": cmd_deploy,
+    "kserve": cmd_kserve,
 }

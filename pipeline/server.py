@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PackageError
+from pipeline.archive_dir import list_archives, read_entry
+from pipeline.errors import PackageError, SpecError
 
 
 @dataclass
@@ -58,16 +59,8 @@ class Server:
         auth: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request; returns (status, headers, body) for every status, errors included."""
-        headers = dict(headers or {})
         token = self.key("management" if api == "management" else "inference") if auth else None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(self.url(api, path), data=body, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers or {}), exc.read()
+        return http(self.url(api, path), body, headers, method, timeout, token)
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
@@ -76,6 +69,65 @@ class Server:
             if p.exists():
                 out += p.read_text(errors="replace").splitlines()[-lines:]
         return "\n".join(out)
+
+
+def http(
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+    timeout: float = 60,
+    token: str | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request; returns (status, headers, body) for every status, errors included. Transport
+    failures (refused, reset, timed out) raise OSError."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers or {}), exc.read()
+
+
+@dataclass
+class Client:
+    """A running TorchServe known only by its URLs (`marpipe deploy`): its management and inference APIs,
+    and the keys of its key_file.json when token authorization is on."""
+
+    management: str
+    inference: str
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_key_file(cls, management: str, inference: str, key_file: Path | None) -> Client:
+        """`key_file`: TorchServe's own key_file.json; without it no token is sent."""
+        keys: dict[str, str] = {}
+        if key_file is not None:
+            try:
+                doc = json.loads(Path(key_file).read_text())
+                keys = {k: v["key"] for k, v in doc.items() if isinstance(v, dict) and isinstance(v.get("key"), str)}
+            except (OSError, ValueError, AttributeError) as exc:
+                raise SpecError(f"--token-file {key_file}: not TorchServe's key_file.json ({exc})") from None
+            missing = [k for k in ("management", "inference") if k not in keys]
+            if missing:
+                raise SpecError(f"--token-file {key_file}: no {' or '.join(missing)} key in it; pass the key_file.json TorchServe wrote")
+        return cls(management.rstrip("/"), inference.rstrip("/"), keys)
+
+    def request(
+        self,
+        api: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        method: str | None = None,
+        timeout: float = 60,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """`api`: management or inference; the matching key goes with it."""
+        base = self.management if api == "management" else self.inference
+        return http(base + path, body, headers, method, timeout, self.keys.get(api))
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -92,15 +144,22 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def archive_model_name(path: Path) -> str:
-    """The model name TorchServe registers for an archive: its manifest's modelName."""
+    """The model name TorchServe registers for an archive (a .mar or a folder): its manifest's modelName."""
     try:
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        return json.loads(read_entry(path, "MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
         raise PackageError(f"{path}: not a loadable archive ({exc}); run marpipe verify {path}") from None
 
 
-def config_text(store: Path, archives: list[str], host: str, ports: dict[str, int], auth: bool, model_api: bool) -> str:
+def config_text(
+    store: Path,
+    archives: list[str],
+    host: str,
+    ports: dict[str, int],
+    auth: bool,
+    model_api: bool,
+    allowed_urls: list[str] | None = None,
+) -> str:
     """A TorchServe config that is safe by default: loopback only, tokens on, no model registration API."""
     h = f"[{host}]" if ":" in host else host
     store = store.resolve()
@@ -116,7 +175,7 @@ def config_text(store: Path, archives: list[str], host: str, ports: dict[str, in
         "load_models": ",".join(archives) if archives else "",
         "disable_token_authorization": str(not auth).lower(),
         "enable_model_api": str(model_api).lower(),
-        "allowed_urls": f"file://{store}/.*",
+        "allowed_urls": ",".join([f"file://{store}/.*", *(allowed_urls or [])]),  # TorchServe splits the list on commas
         "install_py_dep_per_model": "false",
         "decode_input_request": "false",  # the handler parses bodies itself: once, and faster (orjson)
         "enable_envvars_config": "false",
@@ -134,14 +193,21 @@ def start(
     auth: bool = True,
     model_api: bool = False,
     workdir: Path | None = None,
+    allowed_urls: list[str] | None = None,
 ) -> Server:
-    """Start TorchServe in its own process group with its own config, logs and temp folder."""
+    """Start TorchServe in its own process group with its own config, logs and temp folder.
+
+    `archives`: the archives (.mar files or folders) to load; default every one in the store; an empty
+    list starts a server with no model (to register them over the model API, with `model_api`).
+    `allowed_urls`: regular expressions of more URLs it may register archives from."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise PackageError("TorchServe needs Java 11+ and none was found; install it (apt-get install openjdk-17-jre-headless)")
     store = store.resolve()
-    archives = sorted(archives if archives is not None else store.glob("*.mar"))
-    if not archives:
-        raise PackageError(f"no .mar archives in {store}; run marpipe build first")
+    if archives is None:
+        archives = list_archives(store)
+        if not archives:
+            raise PackageError(f"no archives in {store}; run marpipe build first")
+    archives = sorted(archives)
     models = {archive_model_name(a): a.name for a in archives}
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="marpipe-ts-")) if own else workdir.resolve()
@@ -154,7 +220,7 @@ def start(
         numbers = [port, port + 1, port + 2, *free_ports(2, host)]
     ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), numbers))
     config = workdir / "config.properties"
-    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api))
+    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api, allowed_urls))
     env = dict(
         os.environ,
         TEMP=str(workdir / "tmp"),
@@ -185,6 +251,13 @@ def wait_ready(server: Server, timeout: float, poll: float = 0.5) -> dict[str, s
     `poll`: seconds between looks (the benchmark's cold start asks every 0.05 s to time it closely)."""
     deadline = time.monotonic() + timeout
     status = {name: "not registered" for name in server.models}
+    while not status and time.monotonic() < deadline:  # no model: wait until the management API answers
+        with contextlib.suppress(OSError, ValueError):
+            if server.request("management", "/models", timeout=5)[0] == 200:
+                return status
+        if server.proc.poll() is not None:
+            raise PackageError(f"TorchServe exited ({server.proc.returncode}): {server.log_tail(5)}")
+        time.sleep(poll)
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             return {n: s if s == "READY" else f"TorchServe exited ({server.proc.returncode})" for n, s in status.items()}

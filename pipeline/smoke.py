@@ -1,8 +1,9 @@
 """`marpipe smoke`: serve the store with a real TorchServe and check every archive answers like eager.
 
-Each archive carries the parity inputs of one small batch and the eager model's outputs for them; they
-are replayed over HTTP as npz and as JSON (split over requests that fit the server's limits, `pipeline.fit`)
-and compared within the archive's own tolerances.
+Each archive carries the parity inputs of one small batch and the eager model's outputs for them; they are
+replayed over HTTP as npz and as JSON (split over requests that fit the server's limits) and compared within
+the archive's own tolerances. Archives with image or text inputs or hooks also carry sample raw requests with
+the eager model's answers (`parity_requests.json`): replayed as a client sends them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,17 @@ import numpy as np
 
 from pipeline import fit
 from pipeline import server as ts
+from pipeline.archive_dir import list_archives, read_entry
 from pipeline.errors import PackageError, SpecError
 from pipeline.samples import INDEX
 from pipeline.stages.parity import compare
 
 
-def _npz(z: zipfile.ZipFile, name: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(z.read(name)), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
 def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
     """Replay one archive's stored inputs in npz and JSON, split over requests that fit the server's limits;
-    one result row per transport."""
-    with zipfile.ZipFile(path) as z:
-        meta = json.loads(z.read("marpipe.json"))
-        inputs, expected = _npz(z, "parity_inputs.npz"), _npz(z, "parity_outputs.npz")
-    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    one result row per transport, then one per sample raw request."""
+    meta = json.loads(read_entry(path, "marpipe.json"))
+    inputs, expected = (_npz_bytes(read_entry(path, n)) for n in ("parity_inputs.npz", "parity_outputs.npz"))
     max_rows = meta.get("serve", {}).get("max_rows")
     rows = []
     transports = [] if (meta.get("hooks") or {}).get("decode") else list(fit.ENCODERS)  # a decode hook reads every body:
@@ -45,15 +39,7 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
             row.update(why=answer["why"], skipped=answer.get("skipped", False))
             rows.append(row)
             continue
-        got = answer["outputs"]
-        worst, why = 0.0, []
-        for out, ref in expected.items():
-            atol, rtol = tolerances.get(out, (meta["parity"]["outputs"][out]["atol"], meta["parity"]["outputs"][out]["rtol"]))
-            result = compare(ref, got.get(out), atol, rtol)
-            worst = max(worst, result.get("max_abs", float("inf")))
-            if not result["ok"]:
-                detail = result.get("why") or f"max abs {result['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|eager|"
-                why.append(f"{out}: {detail}")
+        worst, why = judge(meta, expected, answer["outputs"])
         count = len(next(iter(inputs.values())))
         split = f"{count} rows in {answer['requests']} requests" if answer["requests"] > 1 else ""
         row.update(ok=not why, max_abs=worst, why="; ".join(why) or split)
@@ -64,22 +50,18 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
 def check_requests(server: ts.Server, name: str, path: Path, meta: dict) -> list[dict]:
     """Replay the archive's raw sample requests (images, texts, a hook's samples): the raw outputs (npz) and
     the JSON answer (labels, the encode hook) must match what the eager model gave through the same decoding."""
-    with zipfile.ZipFile(path) as z:
-        if INDEX not in z.namelist():
-            return []
-        index = json.loads(z.read(INDEX))
-        bodies = {s["name"]: z.read(s["body"]) for s in index}
-        expected = {s["name"]: _npz(z, s["outputs"]) for s in index}
-    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
-    atol, rtol = max(t[0] for t in tolerances.values()), max(t[1] for t in tolerances.values())
+    try:
+        index = json.loads(read_entry(path, INDEX))
+    except (KeyError, FileNotFoundError):
+        return []
+    tolerances = [(o["atol"], o["rtol"]) for o in meta["outputs"]]
+    atol, rtol = max(t[0] for t in tolerances), max(t[1] for t in tolerances)
     rows = []
     for sample in index:
         row = {"model": name, "format": meta["format"], "transport": sample["name"], "ok": False, "max_abs": None, "why": ""}
-        headers = {"Content-Type": sample["content_type"]}
-        code, _, raw = server.request(
-            "inference", f"/predictions/{name}", bodies[sample["name"]], dict(headers, Accept="application/x-npz")
-        )
-        code2, _, answer = server.request("inference", f"/predictions/{name}", bodies[sample["name"]], headers)
+        headers, body, route = {"Content-Type": sample["content_type"]}, read_entry(path, sample["body"]), f"/predictions/{name}"
+        code, _, raw = server.request("inference", route, body, dict(headers, Accept="application/x-npz"))
+        code2, _, answer = server.request("inference", route, body, headers)
         if code != 200 or code2 != 200:
             text = (raw if code != 200 else answer)[:160].decode(errors="replace")
             row["why"] = f"HTTP {code if code != 200 else code2}: {text}"
@@ -91,18 +73,27 @@ def check_requests(server: ts.Server, name: str, path: Path, meta: dict) -> list
             row["why"] = f"unreadable answer: {exc}"
             rows.append(row)
             continue
-        worst, why = 0.0, []
-        for out, ref in expected[sample["name"]].items():
-            result = compare(ref, got.get(out), *tolerances[out])
-            worst = max(worst, result.get("max_abs", float("inf")))
-            if not result["ok"]:
-                why.append(f"{out}: " + (result.get("why") or f"max abs {result['max_abs']:.3g}"))
+        worst, why = judge(meta, _npz_bytes(read_entry(path, sample["outputs"])), got)
         mismatch = json_mismatch(sample["answer"], doc, atol, rtol)
         if mismatch:
             why.append(f"JSON answer: {mismatch}")
         row.update(ok=not why, max_abs=worst, why="; ".join(why))
         rows.append(row)
     return rows
+
+
+def judge(meta: dict, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> tuple[float, list[str]]:
+    """An answer against the archive's stored eager outputs, within its own tolerances: (max abs error, faults)."""
+    tolerances = {o["name"]: (o["atol"], o["rtol"]) for o in meta["outputs"]}
+    worst, why = 0.0, []
+    for out, ref in expected.items():
+        atol, rtol = tolerances.get(out, (meta["parity"]["outputs"][out]["atol"], meta["parity"]["outputs"][out]["rtol"]))
+        result = compare(ref, got.get(out), atol, rtol)
+        worst = max(worst, result.get("max_abs", float("inf")))
+        if not result["ok"]:
+            detail = result.get("why") or f"max abs {result['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}·|eager|"
+            why.append(f"{out}: {detail}")
+    return worst, why
 
 
 def json_mismatch(want: Any, got: Any, atol: float, rtol: float, where: str = "") -> str:
@@ -126,7 +117,7 @@ def _npz_bytes(data: bytes) -> dict[str, np.ndarray]:
 
 
 def smoke(store: Path, names: list[str], timeout: float) -> int:
-    archives = sorted(store.glob("*.mar"))
+    archives = list_archives(store)
     if names:
         by_name = {ts.archive_model_name(a): a for a in archives}
         missing = [n for n in names if n not in by_name]
@@ -134,7 +125,7 @@ def smoke(store: Path, names: list[str], timeout: float) -> int:
             raise SpecError(f"no archive for {', '.join(missing)} in {store} (have: {', '.join(sorted(by_name)) or 'none'})")
         archives = [by_name[n] for n in names]
     if not archives:
-        raise PackageError(f"no .mar archives in {store}; run marpipe build (or make build) first")
+        raise PackageError(f"no archives in {store}; run marpipe build (or make build) first")
     rows: list[dict] = []
     with ts.running(store, archives) as server:
         print(f"TorchServe on {server.url('inference', '')}: waiting for {len(archives)} models", file=sys.stderr)

@@ -34,7 +34,7 @@ def test_readme_exit_codes_match_the_code() -> None:
 
 
 def test_readme_commands_exist() -> None:
-    for command in ("build", "inspect", "verify", "smoke", "serve"):
+    for command in ("build", "inspect", "verify", "smoke", "serve", "deploy", "kserve"):
         assert f"marpipe {command}" in README
         assert marpipe(command, "--help").returncode == 0
     assert marpipe("--version").stdout.startswith("marpipe ")

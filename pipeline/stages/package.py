@@ -27,6 +27,7 @@ SERVING = HANDLER.parent / "marpipe_serving"  # the handler's package: travels b
 RESERVED = {archive.METADATA, "model-config.yaml", "parity_inputs.npz", "parity_outputs.npz", HANDLER.name, SERVING.name}
 RESERVED |= {*ARTIFACTS.values(), "model.onnx.data", "weights.safetensors", "config.json", "requirements.txt"}
 RESERVED |= {TOKENIZER, samples.INDEX, "parity_requests"}
+LAYOUTS = ("mar", "dir")  # a .mar zip, or a folder (torch-model-archiver's no-archive format)
 
 
 @dataclass
@@ -193,15 +194,28 @@ def _generate(t: Any) -> dict[str, Any]:
     return {"generate": t.generate if isinstance(t.generate, str) else {"range": list(t.generate)}}
 
 
-def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported) -> AbstractContextManager[archive.Draft]:
+def target(spec: Spec, store: Path, layout: str = "mar") -> Path:
+    """Where the archive goes: `<name>.mar`, or the folder `<name>/` for the directory layout."""
+    return store / (spec.name if layout == "dir" else f"{spec.name}.mar")
+
+
+def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported, layout: str = "mar") -> AbstractContextManager[archive.Draft]:
     """Start the archive before parity. When the artifact is the checkpoint used as it is, the load stage
     already computed its digests, so it is copied into the archive on a background thread meanwhile.
-    Nothing is renamed into the store before `run`."""
+    Nothing is renamed into the store before `run`. `layout`: `mar` (a zip) or `dir` (a folder TorchServe
+    serves without extracting it); the entries are the same, decided once in `run`."""
     artifact, ck = exported.files[0], loaded.checkpoint
     ahead = None
     if artifact.is_symlink() and artifact.resolve() == ck.path.resolve():
         ahead = (artifact.name, artifact, archive.Known(ck.sha256, ck.crc32, ck.stat))
-    return archive.begin(store / f"{spec.name}.mar", ahead)
+    if layout not in LAYOUTS:
+        raise SpecError(f"unknown archive layout {layout!r}; use {' or '.join(LAYOUTS)}")
+    path = target(spec, store, layout)
+    if layout == "dir":
+        from pipeline import archive_dir
+
+        return archive.begin(path, ahead, archive_dir.DirDraft)
+    return archive.begin(path, ahead)
 
 
 def model_config(spec: Spec) -> str:
@@ -239,5 +253,10 @@ def run(
     meta = dict(meta, outputs=outputs, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
-    ahead = draft.ahead[0].filename if draft.ahead else None
-    return Packaged(draft.target, draft.target.stat().st_size, entries, ahead)
+    return Packaged(draft.target, _size(draft.target), entries, draft.copied_ahead)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
