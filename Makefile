@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 # CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,gpu
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,s3
 STORE  ?= model_store
 PY     := $(VENV)/bin/python
 MARPIPE := $(VENV)/bin/marpipe

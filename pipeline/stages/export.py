@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import inputs
+from pipeline import inputs, repro
 from pipeline.errors import ExportError, SpecError
 from pipeline.spec import BATCH, Spec
 from pipeline.stages.load import Loaded
@@ -99,6 +99,7 @@ def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
             else:
                 module = torch.jit.script(model)
         torch.jit.save(module, str(path))
+        repro.torchscript(path)  # no source paths: same bytes wherever the build runs
     except Exception as exc:
         raise ExportError(f"{spec.name}: torchscript {method} failed: {_first_line(exc)}") from None
     return f"torch.jit.{method}"
@@ -137,6 +138,7 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], names: list[str], pat
                 axes.update({n: {0: BATCH} for n in names})
                 torch.onnx.export(model, tuple(example.values()), str(path), dynamo=False, dynamic_axes=axes, **kwargs)
         onnx.checker.check_model(str(path), full_check=False)
+        repro.onnx(path)  # no stack traces: same bytes wherever the build runs
     except Exception as exc:
         raise ExportError(f"{spec.name}: onnx export ({spec.export.onnx_exporter}) failed: {_first_line(exc)}") from None
     files = [path]
