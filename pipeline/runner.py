@@ -69,8 +69,10 @@ def _say(name: str, stage: StageResult) -> None:
     print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
 
-def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
-    """Build one archive. Raises the stage's PipelineError after recording it in the report's stages."""
+def build(spec: Spec, store: Path, device: str | None = None, build_key: str | None = None) -> BuildReport:
+    """Build one archive. Raises the stage's PipelineError after recording it in the report's stages.
+
+    `build_key` (see `pipeline.cache`) is recorded in the archive's marpipe.json."""
     from pipeline.stages import export, load, package, parity
 
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
@@ -82,6 +84,8 @@ def build(spec: Spec, store: Path, device: str | None = None) -> BuildReport:
         exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
+        if build_key:
+            meta["build_key"] = build_key
         with package.begin(spec, store, loaded, exported) as draft:  # the weights are copied while parity runs
             checked = _timed(
                 report,

@@ -343,7 +343,7 @@ def test_weights_are_copied_during_parity_and_a_parity_failure_meanwhile_leaves_
     assert store_state(project.store) == before  # no temporary file either
     fresh = project.root / "new-store"
     assert marpipe("build", "--store", str(fresh), str(noisy)).returncode == 5
-    assert store_state(fresh) == {}  # no archive, no temporary file (the folder and its lock file may stay)
+    assert store_state(fresh) == {}  # no archive, no temporary file, no lock file (the empty folder may stay)
 
 
 def _random_file(folder: Path, size: int) -> tuple[Path, bytes, archive.Known]:
