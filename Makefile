@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 SPECS  := $(wildcard examples/*.yaml)
 CKPTS  := examples/checkpoints/.done
 
-.PHONY: help setup build test smoke serve lint bench clean distclean
+.PHONY: help setup build release test smoke serve lint bench clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ $(CKPTS): examples/make_checkpoints.py $(wildcard examples/models/*.py) | $(STAM
 build: $(STAMP) $(CKPTS) ## package every example spec in every format into $(STORE)/ (<name>_<format>.mar)
 	$(MARPIPE) build $(SPECS) --format all --store $(STORE) --report build/report.json
 
+release: $(STAMP) $(CKPTS) ## build every example in every format with 2 jobs; JUnit, summary and JSON into build/
+	@mkdir -p build
+	$(MARPIPE) build $(SPECS) --format all --store $(STORE) -j 2 --junit build/junit.xml --summary build/summary.md --report build/report.json
+
 test: $(STAMP) ## run the whole test suite (starts real TorchServe instances on loopback)
 	$(PY) -m pytest
 
@@ -49,11 +53,12 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check pipeline handlers tests examples benchmarks
 	$(VENV)/bin/ruff format --check pipeline handlers tests examples benchmarks
 
-bench: $(STAMP) ## packaging, cold-start and throughput benchmarks (SIZE_GB=1 by default)
+bench: $(STAMP) $(CKPTS) ## packaging, cold-start, throughput and release (-j, cache) benchmarks (SIZE_GB=1 by default)
 	$(PY) benchmarks/bench.py --size-gb $(or $(SIZE_GB),1)
+	$(PY) benchmarks/release_bench.py
 
 clean: ## remove built archives, reports and example checkpoints
-	rm -rf $(STORE)/*.mar $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
+	rm -rf $(STORE)/*.mar $(STORE)/index.json $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV) *.egg-info

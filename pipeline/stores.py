@@ -203,7 +203,11 @@ class RemoteStore(Store):
     def check(self, write: bool) -> None:
         with self._io("reading"):
             if self.protocol in BUCKETS:
-                self.fs.info(self.root.split("/")[0])  # the bucket must exist (a write would not create it)
+                bucket = self.root.split("/")[0]
+                try:
+                    self.fs.info(bucket)  # the bucket must exist (a write would not create it)
+                except FileNotFoundError:
+                    raise PackageError(f"store {self.url}: bucket {bucket!r} does not exist; create it or fix the URL") from None
             elif write:
                 self.fs.makedirs(self.root, exist_ok=True)
             self._index = self._read_index()
