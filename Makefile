@@ -1,7 +1,7 @@
 # marpipe: `make build` packages every example, `make test` runs the tests. `make help` lists targets.
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,gpu
+# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,s3,gpu
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,s3
 STORE  ?= model_store

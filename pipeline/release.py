@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,13 @@ def _build(todo: list[tuple[int, Job]], args: argparse.Namespace, store: stores.
                 i = pending.pop(future)
                 if future.cancelled():
                     continue
-                _finish(i, future.result(), store, results, args)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:  # a worker was killed (signal, out of memory): its builds failed
+                    spec = next(job.spec for j, job in todo if j == i)
+                    result = _failed(spec, PipelineError("the worker process building it died (killed, or out of memory)"))
+                    result.update(build_key=None, duration_s=None, size=None, sha256=None)
+                _finish(i, result, store, results, args)
                 if args.fail_fast and results[i]["status"] == "failed":
                     for other in pending:
                         other.cancel()

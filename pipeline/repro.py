@@ -5,14 +5,44 @@ the architecture source and of torch's own files (so the archive changed with th
 environment folder). TorchScript keeps it in `*.debug_pkl` records (used only to quote Python lines in
 TorchScript error messages), the dynamo ONNX exporter in each node's `pkg.torch.onnx.stack_trace`
 metadata. Both are dropped here, right after export, so parity checks the artifact that is archived.
+
+TorchScript also names a class `<name>.___torch_mangle_<N>` when its compilation unit already holds a class of
+that name, N counting every such clash in the process so far: the bytes of an archive would depend on what the
+same process built before it (`marpipe build a.yaml b.yaml` against `marpipe build b.yaml`, `-j 1` against
+`-j 2`). `fresh_jit_state` gives each export a compilation unit of its own.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 ONNX_MACHINE_KEYS = ("pkg.torch.onnx.stack_trace",)
+
+
+def fresh_jit_state() -> Any:
+    """A new, empty TorchScript compilation unit for the next trace or script (returned, for `torch.jit.trace`).
+
+    torch reads its Python compilation unit from `torch.jit._state._python_cu` (the C++ side too), and
+    `_recursive`/`_trace` hold references of their own; the concrete-type cache maps classes to types of the
+    old unit, so it is emptied with it. Modules exported before keep their own unit.
+
+    TF32 is turned off as the parity stage turns it off: the tracer records `cudnn.allow_tf32` into every
+    convolution, so a trace after an earlier build's parity stage would differ from one in a fresh process.
+    """
+    import torch
+    import torch.jit._recursive as recursive
+    import torch.jit._state as state
+    import torch.jit._trace as trace
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    unit = torch._C.CompilationUnit()
+    state._python_cu = recursive._python_cu = trace._python_cu = unit
+    recursive.concrete_type_store = recursive.ConcreteTypeStore()
+    state._clear_class_state()
+    return unit
 
 
 def torchscript(path: Path) -> None:

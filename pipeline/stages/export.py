@@ -94,8 +94,9 @@ def _torchscript(spec: Spec, model: Any, args: tuple, path: Path) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings are noise here: parity is the judge
+            unit = repro.fresh_jit_state()  # class names that do not depend on what this process built before
             if method == "trace":
-                module = torch.jit.trace(model, args, strict=False, check_trace=False)
+                module = torch.jit.trace(model, args, strict=False, check_trace=False, _compilation_unit=unit)
             else:
                 module = torch.jit.script(model)
         torch.jit.save(module, str(path))
