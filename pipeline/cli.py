@@ -148,7 +148,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from pipeline.stores import open_store
 
     with open_store(args.store) as store:
-        store.check(write=True)
+        store.check(write=False)  # a local folder that does not exist is an error, not a new empty store
         doc = store.regenerate()
     print(f"{store.location('index.json')}: {len(doc['archives'])} archives")
     return 0

@@ -65,6 +65,19 @@ def test_every_format_is_byte_identical_whatever_hash_seed_folder_store_or_mtime
         assert b"pkg.torch.onnx.stack_trace" not in z.read("model.onnx") and module.encode() in z.read("model.onnx")
 
 
+def test_torchscript_archive_does_not_depend_on_what_the_process_built_before(project: Project, tmp_path: Path) -> None:
+    """TorchScript mangles a class name that its compilation unit already holds (`___torch_mangle_<N>`, N counting
+    every clash in the process): each export gets a unit of its own, so one build of several specs and a
+    build of one give the same bytes."""
+    tiny, deep = _two_specs(project)
+    together = marpipe("build", "--format", "torchscript", "--store", str(tmp_path / "a"), str(tiny), str(deep))
+    alone = marpipe("build", "--format", "torchscript", "--store", str(tmp_path / "b"), str(deep))
+    assert together.returncode == alone.returncode == 0, together.stderr + alone.stderr
+    assert (tmp_path / "a" / "deep.mar").read_bytes() == (tmp_path / "b" / "deep.mar").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a" / "deep.mar") as z, zipfile.ZipFile(io.BytesIO(z.read("model.pt"))) as ts:
+        assert not [n for n in ts.namelist() if "___torch_mangle" in n]
+
+
 def test_the_lock_admits_one_holder_and_leaves_no_file(tmp_path: Path) -> None:
     """Owners unlink the lock file as they let go; a waiter granted the lock on an unlinked file starts again."""
     lock = tmp_path / ".m.mar.lock"
