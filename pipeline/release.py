@@ -120,7 +120,9 @@ def _build(todo: list[tuple[int, Job]], args: argparse.Namespace, store: stores.
                 break
         return _first_failure(results)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing forked from our threads
-    with ProcessPoolExecutor(max_workers=min(args.jobs, len(todo)), mp_context=context, initializer=_worker_init) as pool:
+    workers = min(args.jobs, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
         pending: dict[Future, int] = {pool.submit(build_one, job): i for i, job in todo}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -255,5 +257,8 @@ class _Lines(io.TextIOBase):
             self.buf = ""
 
 
-def _worker_init() -> None:
+def _worker_init(threads: int) -> None:
+    """Whole lines out; the cores shared among the workers (torch reads OMP_NUM_THREADS when imported, later):
+    N workers each spinning up all cores' worth of OpenMP threads take the cores from each other."""
     sys.stdout, sys.stderr = _Lines(1), _Lines(2)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
