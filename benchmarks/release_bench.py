@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,12 +29,19 @@ SPECS = sorted(str(p) for p in (ROOT / "examples").glob("*.yaml"))
 MARPIPE = [sys.executable, "-m", "pipeline"]
 
 
-def build(store: Path, *extra: str) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def build(store: Path, *extra: str, label: str = "") -> float:
+    """Wall seconds of one build; its CPU seconds (user + system, all its processes) go to CPU[label]."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([*MARPIPE, "build", *SPECS, "--format", "all", "--store", str(store), *extra], capture_output=True, text=True)
     took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"build failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    CPU.setdefault(label, []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return took
 
 
@@ -65,11 +73,15 @@ def main() -> int:
         for run in range(args.runs):
             for jobs in ("1", "2"):  # in turns, so that the machine's load drifts over both alike
                 store = env_root / f"j{jobs}-{run}"
-                walls[f"j{jobs}"].append(build(store, "-j", jobs))
-                print(f"run {run + 1}: -j {jobs} cold {walls[f'j{jobs}'][-1]:.1f} s", flush=True)
+                walls[f"j{jobs}"].append(build(store, "-j", jobs, label=f"j{jobs}"))
+                load = os.getloadavg()[0]
+                print(
+                    f"run {run + 1}: -j {jobs} cold {walls[f'j{jobs}'][-1]:.1f} s wall, {CPU[f'j{jobs}'][-1]:.1f} s CPU, load {load:.1f}",
+                    flush=True,
+                )
         store = env_root / f"j2-{args.runs - 1}"
         for _ in range(args.runs):
-            walls["unchanged"].append(build(store, "-j", "2"))
+            walls["unchanged"].append(build(store, "-j", "2", label="unchanged"))
         imported, statuses = torch_imported(store)
         identical = all(
             (env_root / "j1-0" / p.name).read_bytes() == p.read_bytes() for p in (env_root / f"j2-{args.runs - 1}").glob("*.mar")
@@ -84,6 +96,9 @@ def main() -> int:
         "runs": args.runs,
         "wall_s": walls,
         "median_s": med,
+        "cpu_s": CPU,
+        "median_cpu_s": {k: statistics.median(v) for k, v in CPU.items()},
+        "load_average_end": os.getloadavg(),
         "j2_over_j1": med["j2"] / med["j1"],
         "unchanged_over_cold_j1": med["unchanged"] / med["j1"],
         "unchanged_imported_torch": imported,
@@ -91,10 +106,11 @@ def main() -> int:
         "j1_j2_archives_identical": identical,
     }
     print(f"\nrelease builds: examples × 3 formats = {len(statuses)} archives, {machine()}, median of {args.runs}")
-    print("| run | wall (median) | vs cold -j 1 |\n| --- | --- | --- |")
-    print(f"| cold, -j 1 | {med['j1']:.1f} s | 1.00 |")
-    print(f"| cold, -j 2 | {med['j2']:.1f} s | {result['j2_over_j1']:.2f} |")
-    print(f"| unchanged re-run | {med['unchanged']:.2f} s | {result['unchanged_over_cold_j1']:.3f} |")
+    cpu = result["median_cpu_s"]
+    print("| run | wall (median) | vs cold -j 1 | CPU s (median) |\n| --- | --- | --- | --- |")
+    print(f"| cold, -j 1 | {med['j1']:.1f} s | 1.00 | {cpu['j1']:.1f} |")
+    print(f"| cold, -j 2 | {med['j2']:.1f} s | {result['j2_over_j1']:.2f} | {cpu['j2']:.1f} |")
+    print(f"| unchanged re-run | {med['unchanged']:.2f} s | {result['unchanged_over_cold_j1']:.3f} | {cpu['unchanged']:.2f} |")
     print(
         f"unchanged run imported torch: {imported}; statuses {result['unchanged_statuses']}; -j 1 and -j 2 archives identical: {identical}"
     )

@@ -122,25 +122,56 @@ def _build(todo: list[tuple[int, Job]], args: argparse.Namespace, store: stores.
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing forked from our threads
     workers = min(args.jobs, len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = list(todo)  # not yet handed out, in spec order
+    running: dict[Future, tuple[int, Job]] = {}
+    warm: dict[int, set[str]] = {}  # worker pid → the formats it has exported (their exporters are loaded there)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
-        pending: dict[Future, int] = {pool.submit(build_one, job): i for i, job in todo}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+
+        def hand_out(pid: int | None) -> None:
+            """One more build for the worker that just finished (exactly `workers` builds run at once, so the
+            idle worker takes it): of a format it has exported before if any, else of one no other has."""
+            mine = warm.get(pid, set()) if pid is not None else set()
+            others = {f for q, fs in warm.items() if q != pid for f in fs} | {job.spec.export.format for _, job in running.values()}
+            i, job = queue.pop(_pick([job.spec.export.format for _, job in queue], mine, others))
+            try:
+                running[pool.submit(build_one, job)] = (i, job)
+            except BrokenProcessPool:
+                _finish(i, _died(job), store, results, args)
+
+        for _ in range(workers):
+            hand_out(None)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                i = pending.pop(future)
-                if future.cancelled():
-                    continue
+                i, job = running.pop(future)
                 try:
                     result = future.result()
                 except BrokenProcessPool:  # a worker was killed (signal, out of memory): its builds failed
-                    spec = next(job.spec for j, job in todo if j == i)
-                    result = _failed(spec, PipelineError("the worker process building it died (killed, or out of memory)"))
-                    result.update(build_key=None, duration_s=None, size=None, sha256=None)
+                    result = _died(job)
+                pid = result.pop("worker", None)
+                if pid is not None:
+                    warm.setdefault(pid, set()).add(job.spec.export.format)
                 _finish(i, result, store, results, args)
                 if args.fail_fast and results[i]["status"] == "failed":
-                    for other in pending:
-                        other.cancel()
+                    queue.clear()
+                if queue:
+                    hand_out(pid)
     return _first_failure(results)
+
+
+def _pick(formats: list[str], mine: set[str], others: set[str]) -> int:
+    """Which queued build to hand a worker: a format it has warm (the first ONNX export in a process costs
+    seconds of imports and tracing set-up), else one no other worker has warm, else the first."""
+    for k, f in enumerate(formats):
+        if f in mine:
+            return k
+    return next((k for k, f in enumerate(formats) if f not in others), 0)
+
+
+def _died(job: Job) -> dict[str, Any]:
+    result = _failed(job.spec, PipelineError("the worker process building it died (killed, or out of memory)"))
+    result.update(build_key=job.key, duration_s=None, size=None, sha256=None)
+    return result
 
 
 def _first_failure(results: dict[int, dict[str, Any]]) -> int:
@@ -149,6 +180,7 @@ def _first_failure(results: dict[int, dict[str, Any]]) -> int:
 
 def _finish(i: int, result: dict[str, Any], store: stores.Store, results: dict[int, dict[str, Any]], args: argparse.Namespace) -> None:
     """Publish a finished archive (local: enter it in the index; remote: upload), print its error line."""
+    result.pop("worker", None)
     if result["status"] == "ok":
         path = Path(result["archive"])
         if isinstance(store, stores.RemoteStore):
@@ -188,7 +220,7 @@ def build_one(job: Job, prescanned: bool = False) -> dict[str, Any]:
     except PipelineError as exc:
         report = getattr(exc, "report", None)
         result = report.as_dict() if report else _failed(job.spec, exc)
-    result.update(build_key=job.key, duration_s=round(time.perf_counter() - start, 3), size=None, sha256=None)
+    result.update(build_key=job.key, duration_s=round(time.perf_counter() - start, 3), size=None, sha256=None, worker=os.getpid())
     return result
 
 
