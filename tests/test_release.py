@@ -191,23 +191,23 @@ def _main_in_subprocess(*args: str, cwd: Path) -> tuple[int, bool, str]:
 def test_cache_unchanged_without_torch_then_rebuilt_on_any_change_or_force(linear_project: Project) -> None:
     spec = linear_project.spec()
     store = str(linear_project.store)
-    assert linear_project.build(spec, "--format", "eager,onnx").returncode == 0
+    assert linear_project.build(spec, "--format", "eager,torchscript").returncode == 0
     report = linear_project.root / "r.json"
     rc, torch_imported, out = _main_in_subprocess(
-        "build", "--store", store, str(spec), "--format", "eager,onnx", "--report", str(report), cwd=ROOT
+        "build", "--store", store, str(spec), "--format", "eager,torchscript", "--report", str(report), cwd=ROOT
     )
     assert rc == 0 and not torch_imported, out
     builds = json.loads(report.read_text())["builds"]
     assert [b["status"] for b in builds] == ["unchanged", "unchanged"]
-    assert builds[1]["build_key"] == _meta(linear_project.store / "tiny_onnx.mar")["build_key"]
+    assert builds[1]["build_key"] == _meta(linear_project.store / "tiny_torchscript.mar")["build_key"]
 
     broken = bytearray((linear_project.store / "tiny_eager.mar").read_bytes())  # an archive that no longer verifies
     broken[broken.index(b"class Linear") + 1] ^= 1
     (linear_project.store / "tiny_eager.mar").write_bytes(bytes(broken))
     doc = yaml.safe_load(spec.read_text())
-    doc["parity"] = {"samples": 2}  # the onnx archive's settings change
+    doc["parity"] = {"samples": 2}  # the settings change
     spec.write_text(yaml.safe_dump(doc))
-    result = linear_project.build(spec, "--format", "eager,onnx", "--report", str(report))
+    result = linear_project.build(spec, "--format", "eager,torchscript", "--report", str(report))
     assert result.returncode == 0, result.stderr
     assert [b["status"] for b in json.loads(report.read_text())["builds"]] == ["ok", "ok"]
     assert archive.verify(linear_project.store / "tiny_eager.mar") == []

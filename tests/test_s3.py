@@ -144,14 +144,14 @@ def test_publish_then_unchanged_verify_and_index(linear_project: Project, s3: di
 
     watcher = threading.Thread(target=reader, daemon=True)
     watcher.start()
-    result = marpipe("build", "--store", url, "--format", "all", "-j", "2", str(spec), env=s3, cwd=linear_project.root)
+    result = marpipe("build", "--store", url, "--format", "eager,torchscript", "-j", "2", str(spec), env=s3, cwd=linear_project.root)
     stop.set()
     watcher.join(10)
     assert result.returncode == 0, result.stdout + result.stderr
     assert seen_missing == []
     assert not (linear_project.root / "s3:").exists() and not (ROOT / "s3:").exists()  # nothing written locally
     remote = _listing("v1")
-    assert sorted(remote) == ["index.json", "tiny_eager.mar", "tiny_onnx.mar", "tiny_torchscript.mar"]  # no temporary keys
+    assert sorted(remote) == ["index.json", "tiny_eager.mar", "tiny_torchscript.mar"]  # no temporary keys
     doc = json.loads(_fs().cat_file(f"{BUCKET}/v1/index.json"))
     for e in doc["archives"]:
         data = _fs().cat_file(f"{BUCKET}/v1/{e['file']}")
@@ -160,22 +160,22 @@ def test_publish_then_unchanged_verify_and_index(linear_project: Project, s3: di
     staging = [p for p in Path(tempfile.gettempdir()).glob("marpipe-*-store-*")]
     assert staging == []  # the private staging folder is gone
 
-    rc, torch_imported = _in_subprocess_main(["build", "--store", url, "--format", "all", str(spec)], s3, linear_project.root)
+    rc, torch_imported = _in_subprocess_main(["build", "--store", url, "--format", "eager,torchscript", str(spec)], s3, linear_project.root)
     assert rc == 0 and not torch_imported  # the cache works against the remote index
     assert _listing("v1") == remote
 
-    verify = marpipe("verify", f"{url}/tiny_onnx.mar", env=s3)
-    assert verify.returncode == 0 and verify.stdout.startswith(f"ok   {url}/tiny_onnx.mar"), verify.stdout + verify.stderr
+    verify = marpipe("verify", f"{url}/tiny_torchscript.mar", env=s3)
+    assert verify.returncode == 0 and verify.stdout.startswith(f"ok   {url}/tiny_torchscript.mar"), verify.stdout + verify.stderr
     _fs().rm_file(f"{BUCKET}/v1/index.json")
     regenerated = marpipe("index", url, env=s3)
-    assert regenerated.returncode == 0 and "3 archives" in regenerated.stdout, regenerated.stderr
+    assert regenerated.returncode == 0 and "2 archives" in regenerated.stdout, regenerated.stderr
     assert json.loads(_fs().cat_file(f"{BUCKET}/v1/index.json"))["archives"] == doc["archives"]
 
     from pipeline.stores import open_store
 
     with open_store(url) as store:  # what `marpipe smoke --store s3://...` serves: the archives, downloaded
         store.check(write=False)
-        assert sorted(p.name for p in store.fetch().iterdir()) == ["tiny_eager.mar", "tiny_onnx.mar", "tiny_torchscript.mar"]
+        assert sorted(p.name for p in store.fetch().iterdir()) == ["tiny_eager.mar", "tiny_torchscript.mar"]
 
 
 def test_a_killed_upload_leaves_no_final_key_and_the_next_build_cleans_up(project: Project, s3: dict[str, str]) -> None:
