@@ -93,13 +93,30 @@ def find(doc: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
     return next((e for e in (doc or {}).get("archives", []) if e.get("name") == name), None)
 
 
-def update(store: Path, new: list[dict[str, Any]]) -> None:
-    """Put `new` entries (see `entry`) into `store/index.json`, under the store's lock so that parallel
-    builders lose none, dropping entries of archives no longer there."""
+def identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when an archive is replaced (a rename brings another inode) or rewritten."""
+    st = path.stat()
+    return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+
+
+def stamped(path: Path, meta: dict[str, Any] | None = None) -> tuple[Path, tuple[int, int, int, int], dict[str, Any]]:
+    """An archive's entry with the identity of the file it was computed from (for `update`)."""
+    before = identity(path)
+    return path, before, entry(path, meta)
+
+
+def update(store: Path, new: list[tuple[Path, tuple[int, int, int, int], dict[str, Any]]]) -> None:
+    """Put `new` entries (see `stamped`) into `store/index.json`, under the store's lock so that parallel
+    builders lose none, dropping entries of archives no longer there. An archive replaced since its entry was
+    computed (another build of it renamed its own file into place meanwhile) is entered as it is now."""
     with _locked(store):
+        fresh = []
+        for path, before, e in new:
+            if is_archive(path):
+                fresh.append(e if identity(path) == before else entry(path))
         path = store / INDEX
         old = parse(path.read_bytes()) if path.is_file() else None
-        _write(store, merged(old, new, {p.name for p in list_archives(store)}))
+        _write(store, merged(old, fresh, {p.name for p in list_archives(store)}))
 
 
 def regenerate(store: Path) -> dict[str, Any]:

@@ -51,8 +51,9 @@ class Store:
         """The index entry of archive `name` when the store holds it built with `key` and it checks out."""
         raise NotImplementedError
 
-    def publish(self, path: Path, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Make the archive at `path` (under `local`) the store's, and enter it in the index. Returns the entry."""
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Make the archive at `path` (under `local`) the store's, and enter it in the index (`meta`: its
+        marpipe.json when already read). Returns its index entry."""
         raise NotImplementedError
 
     def regenerate(self) -> dict[str, Any]:
@@ -128,12 +129,12 @@ class LocalStore(Store):
             return None
         if meta.get("build_key") != key or faults(path, meta):
             return None
-        return self.publish(path, index.entry(path, meta))  # the index names it even if it did not before
+        return self.publish(path, meta)  # the index names it even if it did not before
 
-    def publish(self, path: Path, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        entry = entry or index.entry(path)
-        index.update(self.root, [entry])
-        return entry
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        stamped = index.stamped(path, meta)
+        index.update(self.root, [stamped])
+        return stamped[2]
 
     def regenerate(self) -> dict[str, Any]:
         return index.regenerate(self.root)
@@ -254,8 +255,8 @@ class RemoteStore(Store):
                 size += len(chunk)
         return size, h.hexdigest()
 
-    def publish(self, path: Path, entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        entry = entry or index.entry(path)
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry = index.entry(path, meta)
         file = path.name
         final, tmp = self._key(file), self._key(f".{file}.{uuid.uuid4().hex}.tmp")
         with self._io(f"uploading {file}"):

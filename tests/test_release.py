@@ -269,7 +269,7 @@ def test_parallel_index_updates_lose_no_entry(tmp_path: Path) -> None:
     names = [f"m{i}.mar" for i in range(24)]
     for n in names:
         (tmp_path / n).write_bytes(b"x")
-    entries = [{"file": n, "name": n[:-4], "size": 1, "sha256": "0" * 64} for n in names]
+    entries = [(tmp_path / n, index.identity(tmp_path / n), {"file": n, "name": n[:-4], "size": 1, "sha256": "0" * 64}) for n in names]
     threads = [threading.Thread(target=index.update, args=(tmp_path, [e])) for e in entries]
     for t in threads:
         t.start()
