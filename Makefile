@@ -1,9 +1,9 @@
 # marpipe: `make build` packages every example, `make test` runs the tests. `make help` lists targets.
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,hf,media,gpu
+# CPU build by default; GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" EXTRAS=dev,hf,media,s3,gpu
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,hf,media
+EXTRAS ?= dev,hf,media,s3
 STORE  ?= model_store
 PY     := $(VENV)/bin/python
 MARPIPE := $(VENV)/bin/marpipe
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 SPECS  := $(wildcard examples/*.yaml)
 CKPTS  := examples/checkpoints/.done
 
-.PHONY: help setup build test smoke serve lint bench clean distclean
+.PHONY: help setup build release test smoke serve lint bench clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ $(CKPTS): examples/make_checkpoints.py examples/make_bert.py $(wildcard examples
 build: $(STAMP) $(CKPTS) ## package every example spec in every format into $(STORE)/ (<name>_<format>.mar)
 	$(MARPIPE) build $(SPECS) --format all --store $(STORE) --report build/report.json
 
+release: $(STAMP) $(CKPTS) ## build every example in every format with 2 jobs; JUnit, summary and JSON into build/
+	@mkdir -p build
+	$(MARPIPE) build $(SPECS) --format all --store $(STORE) -j 2 --junit build/junit.xml --summary build/summary.md --report build/report.json
+
 test: $(STAMP) ## run the whole test suite (starts real TorchServe instances on loopback)
 	$(PY) -m pytest
 
@@ -50,11 +54,12 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check pipeline handlers tests examples benchmarks
 	$(VENV)/bin/ruff format --check pipeline handlers tests examples benchmarks
 
-bench: $(STAMP) ## packaging, cold-start and throughput benchmarks (SIZE_GB=1 by default)
+bench: $(STAMP) $(CKPTS) ## packaging, cold-start, throughput and release (-j, cache) benchmarks (SIZE_GB=1 by default)
 	$(PY) benchmarks/bench.py --size-gb $(or $(SIZE_GB),1)
+	$(PY) benchmarks/release_bench.py
 
 clean: ## remove built archives, reports and example checkpoints
-	rm -rf $(STORE)/*.mar $(STORE)/*/ $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
+	rm -rf $(STORE)/*.mar $(STORE)/*/ $(STORE)/index.json $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV) *.egg-info

@@ -9,6 +9,7 @@ same functions (`handlers.marpipe_serving.architectures`).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import inspect
 import sys
@@ -54,6 +55,12 @@ def import_file(file: Path, module_name: str) -> ModuleType:
     finally:
         sys.path.remove(folder)
     return module
+
+
+def module_name(file: Path) -> str:
+    """`marpipe_arch_<first 12 hex of the source's sha256>`: the name is recorded inside TorchScript and ONNX
+    artifacts, so it must not vary between processes (Python's string hash does) nor with where the file lies."""
+    return f"marpipe_arch_{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
 
 
 def model_class(spec: Spec) -> ModelSource:
@@ -106,7 +113,7 @@ def _file(spec: Spec) -> ModelSource:
     tracker = ImportTracker()
     try:
         with tracker:
-            module = import_file(arch.file, f"marpipe_arch_{abs(hash(str(arch.file)))}")
+            module = import_file(arch.file, module_name(arch.file))
     except Exception as exc:
         raise SpecError(f"{where}.file: importing {arch.file.name} failed: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, arch.class_name, None)

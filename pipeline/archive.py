@@ -317,18 +317,80 @@ def _write_error(target: Path, exc: OSError) -> PackageError:
 
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
-    """An exclusive lock on `.<archive>.lock` beside the archive, creating the store folder if needed."""
+    """The archive's exclusive lock (`.<archive>.lock` beside it), creating the store folder if needed."""
+    path = target.parent / f".{target.name}.lock"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        f = open(target.parent / f".{target.name}.lock", "a")  # noqa: SIM115 (closed below)
+        fd = _acquire(path)
     except OSError as exc:
         raise _write_error(target, exc) from None
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        _release(path, fd)
+
+
+@contextlib.contextmanager
+def hold(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file `path`, which its owner removes when it lets go (see `_acquire`)."""
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        _release(path, fd)
+
+
+def _acquire(path: Path) -> int:
+    """Lock `path` (created if needed) and return its descriptor.
+
+    An owner unlinks its lock file before unlocking it (`_release`), so a waiter may be granted the lock on
+    a file that no longer has a name while a newcomer creates and locks a new one. So after `flock` the
+    waiter checks that `path` still names the very file it locked (same inode), and otherwise starts again:
+    a store keeps no lock files, and two holders are never inside at once.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine, now = os.fstat(fd), os.stat(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)  # while still locked: see _acquire
+    os.close(fd)  # unlocks
+
+
+def digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of an archive: a `.mar` file's bytes; for a directory archive, the total bytes of its
+    files and the sha256 over the lines "<file sha256>  <relative path>\\n" sorted by path (sha256sum's format)."""
+    if path.is_dir():
+        size, lines = 0, []
+        for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+            n, sha = _file_digest(p)
+            size += n
+            lines.append(f"{sha}  {p.relative_to(path).as_posix()}\n")
+        return size, hashlib.sha256("".join(lines).encode()).hexdigest()
+    return _file_digest(path)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+            size += n
+    return size, h.hexdigest()
 
 
 def clean_leftovers(target: Path, keep: Path | None = None) -> None:

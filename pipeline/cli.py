@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.errors import EXIT_CODES, PipelineError, SpecError
+from pipeline.errors import EXIT_CODES, PipelineError
+from pipeline.release import shard
 from pipeline.spec import FORMATS
 
 
@@ -21,6 +22,16 @@ def _formats(value: str) -> list[str]:
     if bad or not items:
         raise argparse.ArgumentTypeError(f"unknown format {','.join(bad) or value!r}; use {', '.join(FORMATS)}, a comma list, or all")
     return items
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="load, export, check parity and package each spec into the store")
     b.add_argument("specs", nargs="+", metavar="SPEC", help="model spec YAML files")
-    b.add_argument("--store", default="model_store", type=Path, help="model store folder (default: model_store)")
+    b.add_argument(
+        "--store",
+        default="model_store",
+        help="model store: a folder, or an fsspec URL such as s3://bucket/prefix (default: model_store)",
+    )
     b.add_argument(
         "--format",
         type=_formats,
@@ -51,17 +66,25 @@ def parser() -> argparse.ArgumentParser:
         default="mar",
         help="mar: <name>.mar (default); dir: the folder <name>/ that TorchServe serves without extracting it",
     )
+    b.add_argument("-j", "--jobs", type=_positive, default=1, help="build in N worker processes (default 1)")
+    b.add_argument("--shard", type=shard, metavar="I/N", help="build only shard I of N (1-based) of the (spec, format) list")
+    b.add_argument("--force", action="store_true", help="rebuild archives the store holds with the same build key")
+    b.add_argument("--junit", type=Path, metavar="FILE", help="write JUnit XML: one testcase per archive")
+    b.add_argument("--summary", type=Path, metavar="FILE", help="append a Markdown table of the builds to FILE")
+
+    x = sub.add_parser("index", help="rebuild the store's index.json from its archives")
+    x.add_argument("store", metavar="STORE", help="a folder or an fsspec URL such as s3://bucket/prefix")
 
     i = sub.add_parser("inspect", help="describe a checkpoint: format, sha256, tensors, parameters, prefixes")
     i.add_argument("checkpoint", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON")
 
     v = sub.add_parser("verify", help="check archives: zip integrity, entry names, manifest, every hash (exit 6 on a fault)")
-    v.add_argument("archives", nargs="+", type=Path)
+    v.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a .mar file, or its URL in a remote store")
 
     s = sub.add_parser("smoke", help="serve the store with TorchServe and replay each archive's parity inputs")
     s.add_argument("names", nargs="*", help="model names (default: every archive in the store)")
-    s.add_argument("--store", default="model_store", type=Path)
+    s.add_argument("--store", default="model_store", help="a folder, or an fsspec URL (downloaded first)")
     s.add_argument("--timeout", type=float, default=300, help="seconds to wait for workers to be READY")
 
     n = sub.add_parser("bench", help="in-process latency of eager, TorchScript and ONNX for a spec, with parity")
@@ -145,61 +168,25 @@ def run() -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pipeline.spec import load_spec
+    from pipeline.release import run as build_all
 
-    specs = [load_spec(p) for p in args.specs]  # every spec is validated before any work starts
-    if args.device == "cuda":  # once, before any work, rather than once per build
-        from pipeline.stages.parity import resolve_device
-
-        resolve_device(specs[0], args.device)
-    jobs = [s.with_format(f, suffix=len(args.format) > 1) for s in specs for f in args.format] if args.format else specs
-    names = [j.name for j in jobs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        ext = ".mar" if args.layout == "mar" else "/"
-        raise SpecError(f"two builds would write the same archive: {', '.join(d + ext for d in dup)}; give the specs different names")
-    from pipeline.checkpoint import prescan
-
-    for path in dict.fromkeys(j.checkpoint.path for j in jobs):
-        prescan(path)  # hashing overlaps the import of torch below
-    from pipeline.runner import build
-
-    reports: list[dict[str, Any]] = []
-    first_error: PipelineError | None = None
-    for job in jobs:
-        try:
-            reports.append(build(job, args.store, args.device, args.layout).as_dict())
-        except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            report = getattr(exc, "report", None)
-            reports.append(report.as_dict() if report else _failed(job, exc))
-            first_error = first_error or exc
-            if args.fail_fast:
-                break
-        finally:
-            if args.report:
-                _write_json(args.report, {"marpipe": pipeline.__version__, "builds": reports})
-    ok = sum(r["status"] == "ok" for r in reports)
-    print(f"{ok} of {len(jobs)} archives built into {args.store}")
-    return first_error.exit_code if first_error else 0
-
-
-def _failed(job: Any, exc: PipelineError) -> dict[str, Any]:
-    return {
-        "spec": str(job.source),
-        "name": job.name,
-        "format": job.export.format,
-        "status": "failed",
-        "exit_code": exc.exit_code,
-        "error": str(exc),
-    }
+    return build_all(args)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    from pipeline.reports import write_json
+
+    write_json(path, doc)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.stores import open_store
+
+    with open_store(args.store) as store:
+        store.check(write=False)  # a local folder that does not exist is an error, not a new empty store
+        doc = store.regenerate()
+    print(f"{store.location('index.json')}: {len(doc['archives'])} archives")
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -211,20 +198,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.archive import verify
+    from pipeline.stores import faults, local_copy
 
     bad = 0
-    for path in args.archives:
-        faults = verify(path)
-        bad += bool(faults)
-        print(f"{'ok  ' if not faults else 'FAIL'} {path}" + "".join(f"\n     {f}" for f in faults))
+    for target in args.archives:
+        with local_copy(target) as path:
+            found = faults(path)
+        bad += bool(found)
+        print(f"{'ok  ' if not found else 'FAIL'} {target}" + "".join(f"\n     {f}" for f in found))
     return 6 if bad else 0
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     from pipeline.smoke import smoke
+    from pipeline.stores import open_store
 
-    return smoke(args.store, args.names, args.timeout)
+    with open_store(args.store) as store:
+        store.check(write=False)
+        return smoke(store.fetch(), args.names, args.timeout)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -263,6 +254,7 @@ def cmd_kserve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "build": cmd_build,
+    "index": cmd_index,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "smoke": cmd_smoke,

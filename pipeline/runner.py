@@ -69,10 +69,11 @@ def _say(name: str, stage: StageResult) -> None:
     print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
 
-def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar") -> BuildReport:
+def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: str | None = None) -> BuildReport:
     """Build one archive. Raises the stage's PipelineError after recording it in the report's stages.
 
-    `layout`: `mar` writes `<store>/<name>.mar`, `dir` the folder `<store>/<name>/` (same entries)."""
+    `layout`: `mar` writes `<store>/<name>.mar`, `dir` the folder `<store>/<name>/` (same entries).
+    `build_key` (see `pipeline.cache`) is recorded in the archive's marpipe.json."""
     from pipeline.stages import export, load, package, parity
 
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
@@ -84,6 +85,8 @@ def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar
         exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
+        if build_key:
+            meta["build_key"] = build_key
         with package.begin(spec, store, loaded, exported, layout) as draft:  # the weights are copied while parity runs
             checked = _timed(
                 report,

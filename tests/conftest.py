@@ -26,10 +26,11 @@ def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 
 
 def store_state(store: Path) -> dict[str, bytes]:
-    """Every file of a store with its bytes (lock files aside), to prove a failed build changed nothing."""
+    """Every file under a store, hidden ones (locks, temporary files) included, with its bytes: to prove a
+    failed build changed nothing and left nothing behind."""
     if not store.exists():
         return {}
-    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.is_file() and not p.name.endswith(".lock")}
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 class Project:

@@ -153,7 +153,7 @@ def test_kill_9_never_leaves_a_partial_archive(project: Project) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for trial in range(trials):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "build", "--store", str(project.store), str(spec)],
+            [sys.executable, "-m", "pipeline", "build", "--force", "--store", str(project.store), str(spec)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -174,8 +174,8 @@ def test_kill_9_never_leaves_a_partial_archive(project: Project) -> None:
         assert (project.store / "big.mar").read_bytes() == previous  # reproducible, so a finished rebuild is identical
         left_temp += any(p.name.endswith(".tmp") for p in project.store.iterdir())
     assert left_temp > 0  # the kills did land while an archive was being written
-    assert project.build(spec).returncode == 0
-    assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
+    assert project.build(spec, "--force").returncode == 0
+    assert sorted(p.name for p in project.store.iterdir()) == ["big.mar", "index.json"]  # no temporary or lock file
     assert verify(project.store / "big.mar") == []
     import tempfile
 
@@ -256,6 +256,9 @@ def test_concurrent_builds_never_mix_files(project: Project) -> None:
         expected = torch.load(source, weights_only=True)
         assert all(torch.equal(weights[k], expected[k]) for k in expected)  # weights and metadata from one build
     assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
+    index = json.loads((project.store / "index.json").read_text())["archives"]  # parallel builders lost no entry
+    assert {e["file"]: e["sha256"] for e in index} == {p.name: archive.digest(p)[1] for p in project.store.glob("*.mar")}
+    assert sorted(p.name for p in project.store.iterdir()) == sorted(["index.json", "same.mar"] + [f"m{i}.mar" for i in range(6)])
 
 
 @pytest.mark.parametrize("fixture", ["linear_project"])
@@ -344,7 +347,7 @@ def test_weights_are_copied_during_parity_and_a_parity_failure_meanwhile_leaves_
     assert store_state(project.store) == before  # no temporary file either
     fresh = project.root / "new-store"
     assert marpipe("build", "--store", str(fresh), str(noisy)).returncode == 5
-    assert store_state(fresh) == {}  # no archive, no temporary file (the folder and its lock file may stay)
+    assert store_state(fresh) == {}  # no archive, no temporary file, no lock file (the empty folder may stay)
 
 
 def _random_file(folder: Path, size: int) -> tuple[Path, bytes, archive.Known]:

@@ -3,6 +3,7 @@ verified, served (smoke) without TorchServe extracting it."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -40,8 +41,12 @@ def test_the_folder_holds_the_mar_entries_byte_for_byte(built: Project) -> None:
     folder, mar = built.root / "dir" / "tiny", built.root / "mar" / "tiny.mar"
     with zipfile.ZipFile(mar) as z:
         entries = {n: z.read(n) for n in z.namelist()}
-    assert _tree(folder) == entries  # one decision of the entries, two ways of writing them
-    assert sorted(p.name for p in (built.root / "dir").iterdir() if not p.name.startswith(".")) == ["tiny"]
+    tree = _tree(folder)
+    metas = [json.loads(files.pop("marpipe.json")) for files in (tree, entries)]
+    assert tree == entries  # one decision of the entries, two ways of writing them
+    keys = [m.pop("build_key") for m in metas]
+    assert metas[0] == metas[1] and keys[0] != keys[1]  # the layout is part of the build key: a cached .mar is no folder
+    assert sorted(p.name for p in (built.root / "dir").iterdir() if not p.name.startswith(".")) == ["index.json", "tiny"]
     result = marpipe("verify", str(folder), str(mar))
     assert result.returncode == 0 and result.stdout.count("ok ") == 2, result.stdout
     assert {oct(p.stat().st_mode & 0o777) for p in folder.rglob("*")} == {"0o644", "0o755"}
@@ -50,7 +55,7 @@ def test_the_folder_holds_the_mar_entries_byte_for_byte(built: Project) -> None:
 def test_rebuilt_in_place_identical_and_swapped_whole(built: Project) -> None:
     folder = built.root / "dir" / "tiny"
     before, inode, digest = _tree(folder), folder.stat().st_ino, archive_dir.tree_digest(folder)
-    result = marpipe("build", "--store", str(built.root / "dir"), "--layout", "dir", str(built.root / "tiny.yaml"))
+    result = marpipe("build", "--force", "--store", str(built.root / "dir"), "--layout", "dir", str(built.root / "tiny.yaml"))
     assert result.returncode == 0, result.stderr
     assert _tree(folder) == before and folder.stat().st_ino != inode  # a new folder, put in place whole
     assert archive_dir.tree_digest(folder) == digest and digest[0] == sum(len(b) for b in before.values())
@@ -157,7 +162,7 @@ def test_kill_9_never_leaves_a_partial_folder(project: Project) -> None:
     rng = random.Random(11)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for _ in range(4):
-        cmd = [sys.executable, "-m", "pipeline", "build", "--layout", "dir", "--store", str(project.store), str(spec)]
+        cmd = [sys.executable, "-m", "pipeline", "build", "--force", "--layout", "dir", "--store", str(project.store), str(spec)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True)
         for line in proc.stdout:
             if line.split()[1:3] == ["parity", "ok"]:
@@ -166,10 +171,10 @@ def test_kill_9_never_leaves_a_partial_folder(project: Project) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        assert sorted(p.name for p in project.store.iterdir() if not p.name.startswith(".")) == ["big"]
+        assert sorted(p.name for p in project.store.iterdir() if not p.name.startswith(".")) == ["big", "index.json"]
         assert _tree(project.store / "big") == previous
-    assert project.build("--layout", "dir", spec).returncode == 0
-    assert not [p for p in project.store.iterdir() if p.name.endswith((".tmp", ".old"))]
+    assert project.build("--force", "--layout", "dir", spec).returncode == 0
+    assert sorted(p.name for p in project.store.iterdir()) == ["big", "index.json"]  # the killed builds' leftovers gone
     assert verify(project.store / "big") == []
 
 

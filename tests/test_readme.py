@@ -34,12 +34,12 @@ def test_readme_exit_codes_match_the_code() -> None:
 
 
 def test_readme_commands_exist() -> None:
-    for command in ("build", "inspect", "verify", "smoke", "serve", "deploy", "kserve"):
+    for command in ("build", "inspect", "verify", "smoke", "serve", "deploy", "kserve", "index"):
         assert f"marpipe {command}" in README
         assert marpipe(command, "--help").returncode == 0
     assert marpipe("--version").stdout.startswith("marpipe ")
     targets = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout
-    for target in ("build", "test", "smoke", "serve", "clean", "setup", "bench"):
+    for target in ("build", "release", "test", "smoke", "serve", "clean", "setup", "bench"):
         assert f"make {target}" in targets and f"make {target}" in README or target in ("clean", "setup", "bench")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from handlers.marpipe_serving.models import call
-from pipeline import inputs
+from pipeline import inputs, repro
 from pipeline.arch import forward_order
 from pipeline.errors import ExportError, SpecError
 from pipeline.spec import BATCH, Spec
@@ -110,13 +110,15 @@ def _torchscript(spec: Spec, model: Any, example: dict[str, Any], by_name: bool,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings are noise here: parity is the judge
+            unit = repro.fresh_jit_state()  # class names that do not depend on what this process built before
             if method == "trace" and by_name:
-                module = torch.jit.trace(model, example_kwarg_inputs=example, strict=False, check_trace=False)
+                module = torch.jit.trace(model, example_kwarg_inputs=example, strict=False, check_trace=False, _compilation_unit=unit)
             elif method == "trace":
-                module = torch.jit.trace(model, tuple(example.values()), strict=False, check_trace=False)
+                module = torch.jit.trace(model, tuple(example.values()), strict=False, check_trace=False, _compilation_unit=unit)
             else:
                 module = torch.jit.script(model)
         torch.jit.save(module, str(path))
+        repro.torchscript(path)  # no source paths: same bytes wherever the build runs
     except Exception as exc:
         raise ExportError(f"{spec.name}: torchscript {method} failed: {_first_line(exc)}") from None
     return f"torch.jit.{method}"
@@ -159,6 +161,7 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names:
                 axes.update({n: {0: BATCH} for n in names})
                 torch.onnx.export(model, args, str(path), dynamo=False, dynamic_axes=axes, **kwargs)
         onnx.checker.check_model(str(path), full_check=False)
+        repro.onnx(path)  # no stack traces: same bytes wherever the build runs
     except Exception as exc:
         raise ExportError(f"{spec.name}: onnx export ({spec.export.onnx_exporter}) failed: {_first_line(exc)}") from None
     files = [path]

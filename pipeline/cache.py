@@ -1,0 +1,123 @@
+"""The build key: a sha256 over everything that decides an archive's bytes, computed without importing torch.
+
+Two builds with the same key give byte-identical archives (see `pipeline/repro.py` and the reproducibility
+tests), so an archive in the store whose recorded key equals the key of a build about to run is that build's
+result already: the build is skipped and reported `unchanged`.
+
+What enters the key: the spec's effective settings (every field of the parsed `Spec`, walked generically so
+new spec keys count without a change here; a file the spec names counts by its name and content, never by
+its location; the spec file's own path is left out), the format, the build options that change the bytes
+(`options`), marpipe's version and the sha256 of its source (`pipeline/`, `handlers/`), the versions of
+python, torch, onnx, onnxscript, onnxruntime and numpy (from package metadata: nothing is imported), and the
+zip timestamp (`SOURCE_DATE_EPOCH`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.archive import CHUNK, fixed_time
+from pipeline.spec import Spec
+
+KEY_VERSION = 1  # bump when what enters the key changes shape
+ROOT = Path(pipeline.__file__).resolve().parent
+HANDLERS = ROOT.parent / "handlers"
+PACKAGES = {
+    "torch": ("torch",),
+    "onnx": ("onnx",),
+    "onnxscript": ("onnxscript",),
+    "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+    "numpy": ("numpy",),
+}
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def options(args: Any) -> dict[str, Any]:
+    """The build options that change an archive's bytes: the one place to add such an option to the key.
+
+    `layout` (a directory archive instead of a .mar) is read when the command line has it.
+    """
+    return {"device": getattr(args, "device", None), "layout": getattr(args, "layout", None)}
+
+
+def build_key(spec: Spec, opts: dict[str, Any]) -> str:
+    """The sha256 (hex) that names everything deciding the bytes of `spec`'s archive."""
+    settings = dataclasses.asdict(spec)
+    settings.pop("source")  # where the spec file lies does not change the archive
+    device = opts.get("device") or spec.parity.device
+    doc = {
+        "key": KEY_VERSION,
+        "spec": _canonical(settings),
+        "format": spec.export.format,
+        "options": _canonical(opts),
+        # parity.device auto means cuda where there is a GPU: the device is recorded in the archive
+        "gpu": Path("/dev/nvidiactl").exists() if device == "auto" else None,
+        "marpipe": {"version": pipeline.__version__, "source": tree_sha256(ROOT, "*.py")},
+        "handler": tree_sha256(HANDLERS, "*"),
+        "versions": versions(),
+        "zip_time": list(fixed_time()),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name, dists in PACKAGES.items():
+        out[name] = None
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready form of a spec value: a path becomes its name and content hash (a folder: of every file)."""
+    if isinstance(value, Path):
+        if value.is_dir():
+            return {"folder": value.name, "sha256": tree_sha256(value, "*")}
+        return {"file": value.name, "sha256": file_sha256(value)}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_canonical(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, float):
+        return repr(value)  # 1e-05 and 1.0e-5 alike; no float formatting surprises
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if dataclasses.is_dataclass(value):
+        return _canonical(dataclasses.asdict(value))
+    return repr(value)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content, remembered per (path, size, mtime) for the formats of one spec."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_hashes:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(CHUNK)
+            while n := f.readinto(buf):
+                h.update(memoryview(buf)[:n])
+        _file_hashes[key] = h.hexdigest()
+    return _file_hashes[key]
+
+
+def tree_sha256(folder: Path, pattern: str) -> str:
+    """sha256 over the relative names and content hashes of the files under `folder` matching `pattern`."""
+    lines = []
+    for p in sorted(folder.rglob(pattern)):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+            lines.append(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -1,0 +1,357 @@
+"""Model stores: a local folder, or an fsspec URL (`s3://bucket/prefix`, ...), behind one interface.
+
+Builds always write into a local folder (`Store.local`): the store itself when it is local, else a private
+staging folder, from which `publish` uploads each archive under a temporary key, checks its size and sha256
+as stored, moves it to its final key, and only then rewrites `index.json` (itself uploaded under a
+temporary key and moved). So a reader never sees an index naming a missing or partial archive. Credentials
+and endpoint come from the standard AWS variables and files (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import archive, index
+from pipeline.errors import PackageError
+
+URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+CHUNK = 8 << 20
+BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs")  # protocols whose first path part is a bucket (container)
+
+
+def is_url(store: str | Path) -> bool:
+    return isinstance(store, str) and bool(URL_RE.match(store))
+
+
+def open_store(store: str | Path) -> Store:
+    """The store named on the command line: an fsspec URL (`scheme://...`) or a local folder."""
+    return RemoteStore(str(store)) if is_url(store) else LocalStore(Path(store))
+
+
+class Store:
+    """What builds, the cache and `index`/`smoke` need of a store."""
+
+    url: str
+    local: Path  # the folder builds write archives into
+
+    def check(self, write: bool) -> None:
+        """Raise PackageError (exit 6, one line) when the store cannot be reached, read or (`write`) written."""
+        raise NotImplementedError
+
+    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
+        """The index entry of archive `name` when the store holds it built with `key` and it checks out."""
+        raise NotImplementedError
+
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Make the archive at `path` (under `local`) the store's, and enter it in the index (`meta`: its
+        marpipe.json when already read). Returns its index entry."""
+        raise NotImplementedError
+
+    def regenerate(self) -> dict[str, Any]:
+        """Rebuild index.json from the archives themselves."""
+        raise NotImplementedError
+
+    def fetch(self) -> Path:
+        """A local folder holding the store's archives (downloaded when remote)."""
+        raise NotImplementedError
+
+    def location(self, file: str) -> str:
+        """Where an archive file of this store is, for people and reports."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Remove whatever this object staged locally."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def archive_path(folder: Path, name: str) -> Path | None:
+    """The archive of model `name` in a local folder: `<name>.mar`, or a `<name>/` directory archive."""
+    for p in (folder / f"{name}.mar", folder / name):
+        if index.is_archive(p):
+            return p
+    return None
+
+
+def faults(path: Path, meta: dict[str, Any] | None = None) -> list[str]:
+    """Every fault of an archive: `archive.verify` for a .mar; for a directory archive, each file listed in
+    its marpipe.json against its sha256 (`meta`, when the caller has read it already)."""
+    if not path.is_dir():
+        return archive.verify(path)
+    try:
+        meta = meta if meta is not None else index.metadata(path)
+    except PackageError as exc:
+        return [str(exc)]
+    out = []
+    for name, want in sorted((meta.get("files") or {}).items()):
+        f = path / name
+        if not f.is_file() or archive.digest(f)[1] != want:
+            out.append(f"{name!r} missing or not matching its sha256")
+    return out
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = self.local = root
+        self.url = str(root)
+
+    def check(self, write: bool) -> None:
+        if write:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PackageError(f"model store {self.root}: cannot write there ({exc.strerror or exc})") from None
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PackageError(f"model store {self.root}: cannot write there (permission denied)")
+        elif not self.root.is_dir():
+            raise PackageError(f"model store {self.root}: no such folder")
+
+    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
+        path = archive_path(self.root, name)
+        if path is None:
+            return None
+        try:
+            meta = index.metadata(path)
+        except PackageError:
+            return None
+        if meta.get("build_key") != key or faults(path, meta):
+            return None
+        return self.publish(path, meta)  # the index names it even if it did not before
+
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        stamped = index.stamped(path, meta)
+        index.update(self.root, [stamped])
+        return stamped[2]
+
+    def regenerate(self) -> dict[str, Any]:
+        return index.regenerate(self.root)
+
+    def fetch(self) -> Path:
+        return self.root
+
+    def location(self, file: str) -> str:
+        return str(self.root / file)
+
+
+class RemoteStore(Store):
+    """An fsspec store. Builds write into a private staging folder (removed by `close`, or by the next build
+    when this one was killed); `publish` uploads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        try:
+            import fsspec
+        except ImportError:
+            raise PackageError(f"store {url}: remote stores need fsspec and s3fs: pip install 'torchserve-pipeline[s3]'") from None
+        self.protocol = protocol = url.split("://", 1)[0]
+        kwargs: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if protocol in ("s3", "s3a"):
+            # fail in seconds on an unreachable endpoint, not after botocore's minutes of retries
+            kwargs["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **kwargs)
+        except (ImportError, ValueError) as exc:
+            raise PackageError(
+                f"store {url}: {_first_line(exc)}; for S3 install the s3 extra (pip install 'torchserve-pipeline[s3]')"
+            ) from None
+        self.root = self.root.rstrip("/")
+        self._staging: Path | None = None
+        self._index: dict[str, Any] | None = None
+
+    @property
+    def local(self) -> Path:  # type: ignore[override]
+        if self._staging is None:
+            self._staging = Path(tempfile.mkdtemp(prefix=f"marpipe-{os.getpid()}-store-"))
+        return self._staging
+
+    def _key(self, file: str) -> str:
+        return f"{self.root}/{file}" if self.root else file
+
+    def location(self, file: str) -> str:
+        return f"{self.url}/{file}"
+
+    @contextlib.contextmanager
+    def _io(self, doing: str) -> Iterator[None]:
+        """Any failure of the store as one PackageError line saying what to check."""
+        try:
+            yield
+        except PackageError:
+            raise
+        except FileNotFoundError as exc:
+            raise PackageError(f"store {self.url}: {doing}: not found ({_first_line(exc)}); does the bucket exist?") from None
+        except PermissionError as exc:
+            raise PackageError(
+                f"store {self.url}: {doing}: access denied ({_first_line(exc)}); check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)"
+            ) from None
+        except Exception as exc:  # botocore's connection and credential errors have no common OSError base
+            raise PackageError(
+                f"store {self.url}: {doing}: {type(exc).__name__}: {_first_line(exc)}; check AWS_ENDPOINT_URL, the network and credentials"
+            ) from None
+
+    def check(self, write: bool) -> None:
+        with self._io("reading"):
+            if self.protocol in BUCKETS:
+                bucket = self.root.split("/")[0]
+                try:
+                    self.fs.info(bucket)  # the bucket must exist (a write would not create it)
+                except FileNotFoundError:
+                    raise PackageError(f"store {self.url}: bucket {bucket!r} does not exist; create it or fix the URL") from None
+            elif write:
+                self.fs.makedirs(self.root, exist_ok=True)
+            self._index = self._read_index()
+        if write:
+            probe = self._key(f".marpipe-probe-{uuid.uuid4().hex}")
+            with self._io("writing"):
+                self.fs.pipe_file(probe, b"")
+                self.fs.rm_file(probe)
+
+    def _read_index(self) -> dict[str, Any] | None:
+        try:
+            data = self.fs.cat_file(self._key(index.INDEX))
+        except FileNotFoundError:
+            return None
+        return index.parse(data)
+
+    def _size(self, key: str) -> int | None:
+        try:
+            info = self.fs.info(key)
+        except FileNotFoundError:
+            return None
+        return int(self.fs.du(key)) if info.get("type") == "directory" else int(info.get("size") or 0)
+
+    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
+        entry = index.find(self._index, name)
+        if not entry or entry.get("build_key") != key:
+            return None
+        with self._io("reading"):
+            return entry if self._size(self._key(entry["file"])) == entry.get("size") else None
+
+    def _remote_digest(self, key: str) -> tuple[int, str]:
+        """(size, sha256) of an uploaded archive as stored, read back: `archive.digest`'s rule."""
+        if self.fs.isdir(key):
+            size, lines = 0, []
+            for f in sorted(self.fs.find(key)):
+                n, sha = self._remote_digest(f)
+                size += n
+                lines.append(f"{sha}  {f[len(key) + 1 :]}\n")
+            return size, hashlib.sha256("".join(lines).encode()).hexdigest()
+        h, size = hashlib.sha256(), 0
+        with self.fs.open(key, "rb", block_size=CHUNK) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return size, h.hexdigest()
+
+    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry = index.entry(path, meta)
+        file = path.name
+        final, tmp = self._key(file), self._key(f".{file}.{uuid.uuid4().hex}.tmp")
+        with self._io(f"uploading {file}"):
+            for stale in self.fs.glob(self._key(f".{glob_escape(file)}.*.tmp")):  # a killed upload's
+                self.fs.rm(stale, recursive=True)
+            try:
+                self.fs.put(str(path), tmp, recursive=path.is_dir())
+                got = self._remote_digest(tmp)
+                if got != (entry["size"], entry["sha256"]):
+                    raise PackageError(
+                        f"store {self.url}: {file} reads back as {got[0]} bytes, sha256 {got[1][:12]}…, "
+                        f"not {entry['size']} bytes, {entry['sha256'][:12]}…; nothing was published, build again"
+                    )
+                if path.is_dir() and self.fs.exists(final):
+                    self.fs.rm(final, recursive=True)
+                self.fs.mv(tmp, final, recursive=path.is_dir())
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(tmp, recursive=True)
+                raise
+            if self._size(final) != entry["size"]:
+                raise PackageError(f"store {self.url}: {file} is not whole after the move; build again")
+            self._write_index([entry])
+        if path.is_relative_to(self.local):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()  # staged copy no longer needed
+        return entry
+
+    def _present(self) -> set[str]:
+        names = set()
+        try:
+            listing = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:  # an empty prefix
+            return names
+        for info in listing:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith(".") and (name.endswith(".mar") or info.get("type") == "directory"):
+                names.add(name)
+        return names
+
+    def _write_index(self, entries: list[dict[str, Any]], replace: bool = False) -> dict[str, Any]:
+        """index.json last: merged with what the store's index says now (another builder may have written
+        it), entries of archives no longer there dropped; uploaded under a temporary key and moved."""
+        old = None if replace else self._read_index()
+        doc = index.merged(old, entries, self._present())
+        tmp = self._key(f".{index.INDEX}.{uuid.uuid4().hex}.tmp")
+        self.fs.pipe_file(tmp, index.encode(doc))
+        self.fs.mv(tmp, self._key(index.INDEX))
+        self._index = doc
+        return doc
+
+    def regenerate(self) -> dict[str, Any]:
+        """Each archive is downloaded in turn into the staging folder, entered, and removed."""
+        entries = []
+        with self._io("reindexing"):
+            for name in sorted(self._present()):
+                local = self.local / name
+                self.fs.get(self._key(name), str(local), recursive=self.fs.isdir(self._key(name)))
+                if index.is_archive(local):
+                    entries.append(index.entry(local))
+                shutil.rmtree(local) if local.is_dir() else local.unlink(missing_ok=True)
+            return self._write_index(entries, replace=True)
+
+    def fetch(self) -> Path:
+        with self._io("downloading"):
+            for name in sorted(self._present()):
+                self.fs.get(self._key(name), str(self.local / name), recursive=self.fs.isdir(self._key(name)))
+        return self.local
+
+    def close(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+
+
+@contextlib.contextmanager
+def local_copy(target: str) -> Iterator[Path]:
+    """A local path for an archive named by path or URL (downloaded into a private folder, removed after)."""
+    if not is_url(target):
+        yield Path(target)
+        return
+    parent, _, file = target.rstrip("/").rpartition("/")
+    store = RemoteStore(parent)
+    try:
+        with store._io(f"downloading {file}"):
+            key = store._key(file)
+            store.fs.get(key, str(store.local / file), recursive=store.fs.isdir(key))
+        yield store.local / file
+    finally:
+        store.close()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[\]])", r"[\1]", name)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
