@@ -49,7 +49,8 @@ class Candidate:
 def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True) -> Candidate:
     """Export `fmt`, check parity (the eager model is kept for the next candidate), time it as the handler runs it.
 
-    Export and parity failures become the candidate's status; any other error (the spec itself is wrong) is raised.
+    Export and parity failures become the candidate's status (what was staged before a parity failure stays in
+    `staged`, for `marpipe bench`); any other error (the spec itself is wrong) is raised.
     """
     from pipeline.stages import export, package, parity
 
@@ -61,11 +62,12 @@ def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, ti
         exported = export.run(fspec, loaded, folder)
         sources = package.stage_sources(fspec, folder)
         meta = package.metadata(fspec, loaded, exported)
+        candidate.staged = {"spec": fspec, "exported": exported, "sources": sources, "meta": meta}
         checked = parity.run(fspec, loaded, folder, meta, device)
     except (ExportError, ParityError) as exc:
         candidate.status, candidate.error, candidate.exit_code = STATUS[type(exc)], str(exc), exc.exit_code
         return candidate
-    candidate.staged = {"spec": fspec, "exported": exported, "sources": sources, "meta": meta, "parity": checked}
+    candidate.staged["parity"] = checked
     if time_it:
         candidate.median_ms, candidate.p90_ms = serving_latency(folder, meta, checked, device, spec.serve.batch_size)
     return candidate

@@ -10,12 +10,10 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import inputs
-from pipeline.errors import PipelineError
 from pipeline.spec import FORMATS, Spec
 
 
@@ -32,41 +30,39 @@ def measure(runner: Any, arrays: dict[str, Any], iterations: int, warmup: int = 
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))]}
 
 
-def bench_format(spec: Spec, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:
+def bench_format(spec: Spec, loaded: Any, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:
+    """One format through the real stages (`auto.try_format`: export, parity) into a scratch folder, then its
+    artifact timed as the handler runs it; a failed parity is reported and the artifact still timed."""
     from handlers.marpipe_serving.models import load_runner
-    from pipeline.stages import export, load, package, parity
+    from pipeline.auto import try_format
 
-    spec = replace(spec, export=replace(spec.export, format=fmt))
     workdir = Path(tempfile.mkdtemp(prefix="marpipe-bench-"))
     row: dict[str, Any] = {"format": fmt}
     try:
-        loaded = load.run(spec)
-        exported = export.run(spec, loaded, workdir)
-        package.stage_sources(spec, workdir)
-        meta = package.metadata(spec, loaded, exported)
-        try:
-            checked = parity.run(spec, loaded, workdir, meta, device)
-            row["parity"] = "pass"
-            row["max_abs"] = max(r.max_abs for r in checked.outputs.values())
-        except PipelineError as exc:
-            row["parity"] = f"FAIL ({exc.exit_code})"
-            row["max_abs"] = None
+        tried = try_format(spec, loaded, fmt, workdir, device, time_it=False)
+        if tried.status == "failed export":
+            row["parity"] = f"export failed ({tried.exit_code}): {tried.error}"
+            return row
+        row["parity"] = "pass" if tried.status == "passed" else f"FAIL ({tried.exit_code})"
+        row["max_abs"] = max(r.max_abs for r in tried.staged["parity"].outputs.values()) if tried.status == "passed" else None
         import torch
 
-        runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
+        meta = tried.staged["meta"]
+        runner = load_runner(str(tried.workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
         sizes = {d: v[0] for d, v in spec.dims.items()}
         for b in batch_sizes:
             arrays = {k: v.numpy() for k, v in inputs.make(spec, {"batch": b, **sizes}, inputs.SEED).items()}
             row[f"batch {b}"] = measure(runner, arrays, iterations)
-    except PipelineError as exc:
-        row["parity"] = f"export failed ({exc.exit_code}): {exc}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return row
 
 
 def bench(spec: Spec, formats: list[str] | None, iterations: int, device: str) -> list[dict[str, Any]]:
-    rows = [bench_format(spec, f, spec.parity.batch_sizes, iterations, device) for f in formats or FORMATS]
+    from pipeline.stages import load
+
+    loaded = load.run(spec)  # once: every format starts from the same eager model
+    rows = [bench_format(spec, loaded, f, spec.parity.batch_sizes, iterations, device) for f in formats or FORMATS]
     sizes = spec.parity.batch_sizes
     print(f"\n{spec.name}: in-process latency on {device}, median / p90 of {iterations} runs (ms)")
     print(f"{'format':<12} {'parity':<10} {'max abs':>9}  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))

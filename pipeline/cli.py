@@ -13,14 +13,16 @@ from typing import Any
 import pipeline
 from pipeline.errors import EXIT_CODES, PipelineError
 from pipeline.release import shard
-from pipeline.spec import FORMATS
+from pipeline.spec import AUTO, FORMATS
 
 
 def _formats(value: str) -> list[str]:
     items = list(FORMATS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in FORMATS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown format {','.join(bad) or value!r}; use {', '.join(FORMATS)}, a comma list, or all")
+    bad = [v for v in items if v not in (*FORMATS, AUTO)]
+    if bad or not items or (AUTO in items and len(items) > 1):
+        raise argparse.ArgumentTypeError(
+            f"unknown format {','.join(bad) or value!r}; use {', '.join(FORMATS)}, a comma list, all, or auto (alone)"
+        )
     return items
 
 

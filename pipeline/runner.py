@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.archive import alive
 from pipeline.errors import PipelineError
-from pipeline.spec import Spec
+from pipeline.spec import AUTO, Spec
 
 STAGES = ("load", "export", "parity", "package")
 
@@ -36,6 +36,7 @@ class BuildReport:
     error: str | None = None
     exit_code: int = 0
     parity: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None  # format auto: each candidate's status and latency, and the choice
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,10 +49,11 @@ class BuildReport:
             "archive": self.archive,
             "parity": self.parity,
             "stages": [vars(s) for s in self.stages],
+            **({"auto": self.auto} if self.auto else {}),
         }
 
 
-def _timed(report: BuildReport, name: str, fn: Callable[[], Any], detail: Callable[[Any], str]) -> Any:
+def timed(report: BuildReport, name: str, fn: Callable[[], Any], detail: Callable[[Any], str]) -> Any:
     stage = next(s for s in report.stages if s.name == name)
     start = time.perf_counter()
     try:
@@ -65,6 +67,13 @@ def _timed(report: BuildReport, name: str, fn: Callable[[], Any], detail: Callab
     return result
 
 
+def skip_stage(report: BuildReport, name: str, detail: str) -> None:
+    """A stage another one did the work of (auto's candidates run parity inside export): ok, 0 s, said why."""
+    stage = next(s for s in report.stages if s.name == name)
+    stage.status, stage.detail = "ok", detail
+    _say(report.name, stage)
+
+
 def _say(name: str, stage: StageResult) -> None:
     print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
@@ -76,30 +85,34 @@ def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar
     `build_key` (see `pipeline.cache`) is recorded in the archive's marpipe.json."""
     from pipeline.stages import export, load, package, parity
 
+    if spec.export.format == AUTO:  # every candidate format, the fastest packaged: pipeline/auto.py
+        from pipeline import auto
+
+        return auto.build(spec, store, device, layout, build_key)
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
     dev = parity.resolve_device(spec, device)
     clean_stale_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{os.getpid()}-{spec.name}-"))  # private: builds never share it
     try:
-        loaded = _timed(report, "load", lambda: load.run(spec), _load_detail)
-        exported = _timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
+        loaded = timed(report, "load", lambda: load.run(spec), load_detail)
+        exported = timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         if build_key:
             meta["build_key"] = build_key
         with package.begin(spec, store, loaded, exported, layout) as draft:  # the weights are copied while parity runs
-            checked = _timed(
+            checked = timed(
                 report,
                 "parity",
                 lambda: parity.run(spec, loaded, workdir, meta, dev, release=True),
                 lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
             )
             report.parity = checked.record()
-            packed = _timed(
+            packed = timed(
                 report,
                 "package",
                 lambda: package.run(spec, draft, workdir, sources, exported, meta, checked),
-                _package_detail,
+                package_detail,
             )
         report.archive = str(packed.archive)
     except PipelineError as exc:
@@ -119,12 +132,12 @@ def clean_stale_workdirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _package_detail(p: Any) -> str:
+def package_detail(p: Any) -> str:
     ahead = f", {p.copied_ahead} copied during parity" if p.copied_ahead else ""
     return f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries{ahead})"
 
 
-def _load_detail(loaded: Any) -> str:
+def load_detail(loaded: Any) -> str:
     ck = loaded.checkpoint
     parts = [ck.format + (f" ({len(ck.shards) - 1} shards)" if ck.shards else ""), f"{len(ck.state_dict)} tensors"]
     if ck.nested_key:

@@ -21,7 +21,8 @@ from pipeline.spec_reader import Reader as _Reader
 from pipeline.spec_requests import ImageSpec, OutputLabels, TextSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
-FORMATS = ("eager", "torchscript", "onnx")
+FORMATS = ("eager", "torchscript", "onnx")  # in order of simplicity: auto prefers the earlier on a tie
+AUTO = "auto"  # every candidate format through parity, the fastest packaged (pipeline/auto.py)
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 DEVICES = ("auto", "cpu", "cuda")
 BATCH = "batch"
@@ -66,7 +67,8 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Export:
-    format: str = "eager"
+    format: str = "eager"  # one of FORMATS, or AUTO
+    candidates: tuple[str, ...] = FORMATS  # what auto tries
     torchscript_method: str = "trace"
     onnx_opset: int | None = None
     onnx_exporter: str = "dynamo"
@@ -292,8 +294,16 @@ def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
 
 
 def _export(r: _Reader, value: Any) -> Export:
-    m = r.mapping(value, "export", ("format", "torchscript", "onnx"))
-    fmt = r.choice(m.get("format", "eager"), "export.format", FORMATS)
+    m = r.mapping(value, "export", ("format", "candidates", "torchscript", "onnx"))
+    fmt = r.choice(m.get("format", "eager"), "export.format", (*FORMATS, AUTO))
+    candidates = FORMATS
+    if m.get("candidates") is not None:
+        listed = [r.choice(c, f"export.candidates[{i}]", FORMATS) for i, c in enumerate(r.list_(m["candidates"], "export.candidates"))]
+        if not listed or len(set(listed)) != len(listed):
+            raise r.fail("export.candidates", f"give one or more different formats of {', '.join(FORMATS)}, got {listed}")
+        if fmt != AUTO:
+            raise r.fail("export.candidates", f"only format: auto tries candidates; format is {fmt}")
+        candidates = tuple(f for f in FORMATS if f in listed)
     ts = r.mapping(m.get("torchscript"), "export.torchscript", ("method",))
     ox = r.mapping(m.get("onnx"), "export.onnx", ("opset", "exporter"))
     opset = ox.get("opset")
@@ -301,6 +311,7 @@ def _export(r: _Reader, value: Any) -> Export:
         opset = r.int_(opset, "export.onnx.opset", minimum=7)
     return Export(
         format=fmt,
+        candidates=candidates,
         torchscript_method=r.choice(ts.get("method", "trace"), "export.torchscript.method", ("trace", "script")),
         onnx_opset=opset,
         onnx_exporter=r.choice(ox.get("exporter", "dynamo"), "export.onnx.exporter", ("dynamo", "torchscript")),

@@ -45,18 +45,43 @@ SMALL_BATCH_MS = 5.0
 TIMED_BYTES = 256 << 20  # an artifact this large does at least 64M multiply-adds per row: never a small batch
 
 
-def timing_batch(model_dir: str, meta: dict, batch_size: int) -> dict[str, np.ndarray] | None:
-    """The archive's parity inputs repeated to the serving batch size; None for large artifacts (never a small
-    batch) or without the inputs."""
+def timing_batch(model_dir: str, meta: dict, batch_size: int, arrays: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
+    """The archive's parity inputs (or `arrays`) repeated to the serving batch size; None for large artifacts
+    (never a small batch) or without the inputs."""
     try:
         if os.path.getsize(os.path.join(model_dir, meta["artifact"])) > TIMED_BYTES:
             return None
-        with open(os.path.join(model_dir, "parity_inputs.npz"), "rb") as f:
-            arrays = read_npz(f.read())
-        rows = len(next(iter(arrays.values())))
-        return {k: np.concatenate([v] * -(-batch_size // rows))[:batch_size] for k, v in arrays.items()}
+        if arrays is None:
+            with open(os.path.join(model_dir, "parity_inputs.npz"), "rb") as f:
+                arrays = read_npz(f.read())
+        return repeat_rows(arrays, batch_size)
     except Exception:  # timing is advice; the first request will say what is wrong
         return None
+
+
+def repeat_rows(arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """`rows` rows made of the given ones, repeated."""
+    have = len(next(iter(arrays.values())))
+    return {k: np.concatenate([v] * -(-rows // have))[:rows] for k, v in arrays.items()}
+
+
+def serving_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None, inputs: dict | None = None) -> tuple[Any, int, str]:
+    """(runner, threads, why) as the handler serves the archive: threads per worker from MARPIPE_THREADS or the
+    cores shared by `serve.max_workers`, and on the CPU one thread where a serving batch is small (`fit_threads`).
+    `inputs`: the parity inputs, when the archive's own file is not written yet (format auto times candidates)."""
+    import torch
+
+    serve = meta.get("serve", {})
+    threads = thread_count(int(serve.get("max_workers", 1)))
+    torch.set_num_threads(threads)
+    runner = load_runner(model_dir, meta, device, gpu_id, threads)
+    why = ""
+    if device == "cpu" and threads > 1 and not os.environ.get("MARPIPE_THREADS"):
+        batch = timing_batch(model_dir, meta, int(serve.get("batch_size") or 1), inputs)
+        onnx = meta["format"] == "onnx"
+        reload = (lambda n: load_runner(model_dir, meta, device, gpu_id, n)) if onnx else (lambda n: runner)
+        threads, runner, why = fit_threads(runner, threads, batch, reload)
+    return runner, threads, why
 
 
 def batch_ms(runner: Any, batch: dict[str, np.ndarray]) -> float | None:

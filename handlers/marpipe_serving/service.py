@@ -17,7 +17,7 @@ import numpy as np
 from . import codecs
 from .contract import Contract
 from .errors import BadRequest
-from .models import METADATA, fit_threads, load_runner, thread_count, timing_batch
+from .models import METADATA, serving_runner
 from .requirements import check as check_requirements
 
 log = logging.getLogger("marpipe_handler")
@@ -33,18 +33,9 @@ class Service:
         import torch
 
         device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
-        serve = self.meta.get("serve", {})
-        threads = thread_count(int(serve.get("max_workers", 1)))
-        torch.set_num_threads(threads)
         check_requirements(self.meta)  # Pillow, tokenizers, the architecture's packages: named, not an ImportError
         self.contract = Contract(self.meta, model_dir)
-        self.runner = load_runner(model_dir, self.meta, device, gpu_id, threads)
-        why = ""
-        if device == "cpu" and threads > 1 and not os.environ.get("MARPIPE_THREADS"):
-            batch = timing_batch(model_dir, self.meta, int(serve.get("batch_size") or 1))
-            onnx = self.meta["format"] == "onnx"
-            reload = (lambda n: load_runner(model_dir, self.meta, device, gpu_id, n)) if onnx else (lambda n: self.runner)
-            threads, self.runner, why = fit_threads(self.runner, threads, batch, reload)
+        self.runner, threads, why = serving_runner(model_dir, self.meta, device, gpu_id)
         log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], self.meta["format"], device, threads, why)
 
     def handle(self, data: list, context: Any) -> list:

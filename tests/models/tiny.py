@@ -146,3 +146,30 @@ class ImagePool(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(image).flatten(1))
+
+
+class SlowEager(nn.Module):
+    """Sleeps 30 ms on every eager call; a trace records only the linear layer: TorchScript is clearly faster."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            import time
+
+            time.sleep(0.03)
+        return self.fc(x)
+
+
+class NoisyUnscriptable(nn.Module):
+    """Fails torch.jit.script (a generator expression) and every parity check (fresh noise on each call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = sum(self.fc(x) * k for k in (1.0, 2.0))
+        return y + torch.rand_like(y)
