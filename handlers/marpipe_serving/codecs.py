@@ -132,9 +132,10 @@ def parse_json_or_npz(body: Any, ctype: str, what: str) -> Any:
 
 
 def numeric_only(body: Any, payload: Any) -> bool:
-    """True when a JSON body's only strings are the keys of its top two levels (so every value is a number,
-    boolean or list of them: no string, no nested object) and it has no null: each string has two quotes."""
-    if not isinstance(body, (bytes, bytearray)) or not isinstance(payload, dict) or b"null" in body:
+    """True when a JSON body's only strings are the keys of its top two levels (so every value is a number, a
+    boolean, null or a list of them: no string, no nested object): each string has two quotes. (A null becomes
+    NaN in a conversion with the dtype given, which `Contract` checks for.)"""
+    if not isinstance(body, (bytes, bytearray)) or not isinstance(payload, dict):
         return False
     keys = len(payload) + sum(len(v) for v in payload.values() if isinstance(v, dict))
     return body.count(b'"') == 2 * keys

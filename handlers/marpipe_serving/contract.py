@@ -153,6 +153,8 @@ class Contract:
                 arr = np.array(value, dtype=np.float64)
             except (ValueError, TypeError, RecursionError):
                 arr = None  # ragged, or deeper than numpy goes: the general path says which
+            if arr is not None and np.isnan(arr).any():
+                arr = None  # a null (or a NaN literal): the general path, which refuses nulls and keeps NaN
         try:
             if arr is None:
                 arr = value if isinstance(value, np.ndarray) else np.asarray(value)

@@ -242,6 +242,10 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle pool threads sleep instead of spinning: between batches the cores belong to TorchServe's frontend,
+        # which reads the next requests. Spinning cost the 224x224 CNN a seventh of its served throughput on 2
+        # cores (worker CPU 8.2 s against 7.1 s for 200 requests; 40.6 against 47.2 req/s), and nothing in process.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list[Any] = ["CPUExecutionProvider"]
         if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(gpu_id)}))
