@@ -39,18 +39,14 @@ class Packaged:
 
 
 def versions() -> dict[str, str]:
+    """What built the archive: marpipe, python, torch (as imported), and onnx, onnxruntime and numpy (from the
+    installed metadata: importing onnx and onnxruntime would cost 0.1 s)."""
     import torch
 
-    out = {"marpipe": pipeline.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    # from the installed metadata: importing onnx and onnxruntime would cost 0.1 s
-    for name, dists in (("onnx", ("onnx",)), ("onnxruntime", ("onnxruntime-gpu", "onnxruntime")), ("numpy", ("numpy",))):
-        for dist in dists:
-            try:
-                out[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
+    from pipeline.cache import versions as installed
+
+    found = {k: v for k, v in installed().items() if k in ("onnx", "onnxruntime", "numpy") and v is not None}
+    return {"marpipe": pipeline.__version__, "torch": torch.__version__, "python": platform.python_version(), **found}
 
 
 def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
