@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from handlers.marpipe_serving import architectures
-from pipeline.errors import SpecError
+from pipeline.errors import SpecError, first_line
 from pipeline.imports import ImportTracker
 from pipeline.spec import Spec
 
@@ -85,7 +85,7 @@ def construct(spec: Spec, source: ModelSource, device: str, params_only: bool = 
         with source.imports, architectures.params_on_meta() if params_only else torch.device(device):
             model = source.make()
     except Exception as exc:
-        raise SpecError(f"{spec.source}: {source.field}: {label}(**kwargs) failed: {type(exc).__name__}: {_first(exc)}") from None
+        raise SpecError(f"{spec.source}: {source.field}: {label}(**kwargs) failed: {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, torch.nn.Module):
         raise SpecError(f"{spec.source}: {source.field}: {label}(**kwargs) returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -134,7 +134,9 @@ def _factory(spec: Spec) -> ModelSource:
         with tracker:
             obj: Any = importlib.import_module(module_name)
     except Exception as exc:
-        raise SpecError(f"{where}: cannot import {module_name} ({type(exc).__name__}: {_first(exc)}); install it or fix the name") from None
+        raise SpecError(
+            f"{where}: cannot import {module_name} ({type(exc).__name__}: {first_line(exc)}); install it or fix the name"
+        ) from None
     for attr in attrs.split("."):
         if not hasattr(obj, attr):
             hint = difflib.get_close_matches(attr, [n for n in dir(obj) if not n.startswith("_")], n=1)
@@ -163,7 +165,3 @@ def _is_module_class(cls: type) -> bool:
     import torch
 
     return issubclass(cls, torch.nn.Module)
-
-
-def _first(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]

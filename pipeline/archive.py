@@ -372,14 +372,13 @@ def _release(path: Path, fd: int) -> None:
 
 def digest(path: Path) -> tuple[int, str]:
     """(size, sha256) of an archive: a `.mar` file's bytes; for a directory archive, the total bytes of its
-    files and the sha256 over the lines "<file sha256>  <relative path>\\n" sorted by path (sha256sum's format)."""
+    files and the sha256 over the lines "<file sha256>  <relative path>\\n" sorted by path (sha256sum's format),
+    the bytecode cache a served folder may gain left out (`archive_dir.tree_digest`: one rule for the index,
+    the cache and deploy)."""
     if path.is_dir():
-        size, lines = 0, []
-        for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
-            n, sha = _file_digest(p)
-            size += n
-            lines.append(f"{sha}  {p.relative_to(path).as_posix()}\n")
-        return size, hashlib.sha256("".join(lines).encode()).hexdigest()
+        from pipeline.archive_dir import tree_digest
+
+        return tree_digest(path)
     return _file_digest(path)
 
 

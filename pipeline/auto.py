@@ -11,6 +11,7 @@ report carries the timings.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -65,12 +66,20 @@ def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, ti
         candidate.staged = {"spec": fspec, "exported": exported, "sources": sources, "meta": meta}
         checked = parity.run(fspec, loaded, folder, meta, device)
     except (ExportError, ParityError) as exc:
-        candidate.status, candidate.error, candidate.exit_code = STATUS[type(exc)], str(exc), exc.exit_code
+        candidate.status, candidate.error, candidate.exit_code = STATUS[type(exc)], stable(str(exc), workdir), exc.exit_code
         return candidate
     candidate.staged["parity"] = checked
     if time_it:
         candidate.median_ms, candidate.p90_ms = serving_latency(folder, meta, checked, device, spec.serve.batch_size)
     return candidate
+
+
+def stable(message: str, workdir: Path) -> str:
+    """An error as the archive records it: no build folder or object address, which differ from run to run (the
+    archive of an unchanged auto build must not)."""
+    message = message.replace(str(workdir), "<build folder>")
+    message = re.sub(r"/tmp/marpipe-\d+-[^\s/]*", "<build folder>", message)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", message)
 
 
 def serving_latency(folder: Path, meta: dict[str, Any], checked: Any, device: str, batch_size: int) -> tuple[float, float]:

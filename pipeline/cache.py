@@ -8,8 +8,9 @@ What enters the key: the spec's effective settings (every field of the parsed `S
 new spec keys count without a change here; a file the spec names counts by its name and content, never by
 its location; the spec file's own path is left out), the format, the build options that change the bytes
 (`options`), marpipe's version and the sha256 of its source (`pipeline/`, `handlers/`), the versions of
-python, torch, onnx, onnxscript, onnxruntime and numpy (from package metadata: nothing is imported), and the
-zip timestamp (`SOURCE_DATE_EPOCH`).
+python, torch, onnx, onnxscript, onnxruntime, numpy, transformers, tokenizers and Pillow, and a factory's
+distribution (or module source) (from package metadata: nothing is imported), and the zip timestamp
+(`SOURCE_DATE_EPOCH`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ PACKAGES = {
     "onnxscript": ("onnxscript",),
     "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
     "numpy": ("numpy",),
+    # what archives of some specs record or depend on: Hugging Face graphs, request forms' libraries
+    "transformers": ("transformers",),
+    "tokenizers": ("tokenizers",),
+    "pillow": ("pillow",),
 }
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
@@ -61,10 +66,29 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
         "gpu": Path("/dev/nvidiactl").exists() if device == "auto" else None,
         "marpipe": {"version": pipeline.__version__, "source": tree_sha256(ROOT, "*.py")},
         "handler": tree_sha256(HANDLERS, "*"),
+        "factory": factory_source(spec.architecture.factory) if spec.architecture.factory else None,
         "versions": versions(),
         "zip_time": list(fixed_time()),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def factory_source(ref: str) -> dict[str, str | None]:
+    """What a factory's code is, without importing it: the version of the distribution that installs its top-level
+    package, or else the content of the module file or package folder found on sys.path."""
+    import importlib.util
+
+    top = ref.split(":")[0].split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top)
+    if dists:
+        return {d: importlib.metadata.version(d) for d in sorted(set(dists))}
+    found = importlib.util.find_spec(top)  # a top-level name: found on sys.path, nothing imported
+    if found is None or not found.origin:
+        return {top: None}
+    origin = Path(found.origin)
+    if found.submodule_search_locations:
+        return {top: tree_sha256(origin.parent, "*.py")}
+    return {top: file_sha256(origin)} if origin.is_file() else {top: None}
 
 
 def versions() -> dict[str, str | None]:

@@ -25,10 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PackageError, ParityError, PipelineError
-from pipeline.placement import Archive, FolderTarget, Placement, UrlTarget, read_archive, to_npz
-from pipeline.placement import npz as read_npz
+from pipeline.placement import Archive, FolderTarget, Placement, UrlTarget, read_archive
 from pipeline.server import Client
-from pipeline.smoke import judge
 
 
 @dataclass
@@ -189,20 +187,21 @@ class Deployer:
         raise ParityError(f"workers of {a.name} {a.version} not READY within {self.opts.timeout:g} s ({seen})")
 
     def _replay(self, a: Archive) -> float:
-        """The stored parity inputs through the new version; its answer within the archive's tolerances."""
-        headers = {"Content-Type": "application/x-npz", "Accept": "application/x-npz"}
-        path = f"/predictions/{_q(a.name)}/{_q(a.version)}"
-        code, body = self._call("POST", path, api="inference", body=to_npz(a.inputs), headers=headers, timeout=self.opts.timeout)
-        if code != 200:
-            raise ParityError(f"live check: {path} answered HTTP {code}: {_text(body)}")
+        """The archive's stored checks through the new version, exactly as `marpipe smoke` replays them (parity
+        inputs as npz and JSON split to fit TorchServe's request size, the sample raw requests of an archive with
+        image or text inputs or hooks); every answer within the archive's tolerances."""
+        from pipeline.smoke import check_archive
+
+        route = f"/predictions/{_q(a.name)}/{_q(a.version)}"
         try:
-            got = read_npz(body)
-        except (ValueError, OSError) as exc:
-            raise ParityError(f"live check: unreadable answer from {path} ({exc})") from None
-        worst, why = judge(a.meta, a.expected, got)
-        if why:
-            raise ParityError(f"live check: {a.name} {a.version} answers wrong: {'; '.join(why)}")
-        _say(f"{a.name} {a.version}: live check ok (max abs err {worst:.3g})")
+            rows = check_archive(self.client, a.name, a.path, route=route)
+        except OSError as exc:
+            raise PackageError(f"live check: {route}: TorchServe not reachable ({exc})") from None
+        bad = [r for r in rows if not r["ok"] and not r.get("skipped")]
+        if bad:
+            raise ParityError(f"live check: {a.name} {a.version} answers wrong ({bad[0]['transport']}): {bad[0]['why']}")
+        worst = max((r["max_abs"] for r in rows if r["max_abs"] is not None), default=0.0)
+        _say(f"{a.name} {a.version}: live check ok ({len(rows)} checks, max abs err {worst:.3g})")
         return worst
 
     def _rollback(self, a: Archive, place: Placement, default: dict | None) -> str:

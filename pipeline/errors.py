@@ -50,6 +50,12 @@ class PackageError(PipelineError):
     exit_code = 6
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line (its type's name when it has none), for a one-line message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 EXIT_CODES = {
     0: "ok",
     1: "internal error (a bug in marpipe: traceback printed)",

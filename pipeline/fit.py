@@ -75,10 +75,10 @@ def split(arrays: dict[str, np.ndarray], encode: Any, limit: int, max_rows: int 
     return pieces
 
 
-def replay(server: Any, name: str, transport: str, arrays: dict[str, np.ndarray], max_rows: int | None) -> dict[str, Any]:
-    """Send `arrays` to /predictions/<name> in pieces that fit; {"outputs": {...}} joined, or {"why": ..., "skipped": bool}."""
+def replay(server: Any, route: str, transport: str, arrays: dict[str, np.ndarray], max_rows: int | None, limit: int) -> dict[str, Any]:
+    """Send `arrays` to `route` (e.g. /predictions/<name>) in pieces under `limit` bytes and `max_rows` rows;
+    {"outputs": {...}} joined, or {"why": ..., "skipped": bool}."""
     encode, headers = ENCODERS[transport]
-    limit = max_request_size(server.workdir / "config.properties")
     try:
         pieces = split(arrays, encode, limit, max_rows)
     except TooLarge as exc:
@@ -87,7 +87,7 @@ def replay(server: Any, name: str, transport: str, arrays: dict[str, np.ndarray]
     answers: list[dict[str, np.ndarray]] = []
     for rows, body in pieces:
         try:
-            code, _, answer = server.request("inference", f"/predictions/{name}", body, headers)
+            code, _, answer = server.request("inference", route, body, headers)
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out: no HTTP answer at all
             reason = getattr(exc, "reason", None) or exc
             return {"why": f"no answer to a {len(body) / 1e6:.1f} MB request of {rows} rows: {type(reason).__name__}: {reason}"[:300]}

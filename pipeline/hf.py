@@ -13,7 +13,7 @@ import logging
 
 from handlers.marpipe_serving import architectures
 from pipeline.arch import ModelSource
-from pipeline.errors import SpecError
+from pipeline.errors import SpecError, first_line
 from pipeline.imports import ImportTracker
 from pipeline.spec import Spec
 
@@ -34,7 +34,7 @@ def transformers_source(spec: Spec) -> ModelSource:
     try:
         config, unused = architectures.transformers_config(str(arch.transformers), **arch.kwargs)
     except Exception as exc:
-        raise SpecError(f"{where}.transformers: {arch.transformers}/config.json: {type(exc).__name__}: {_first(exc)}") from None
+        raise SpecError(f"{where}.transformers: {arch.transformers}/config.json: {type(exc).__name__}: {first_line(exc)}") from None
     if unused:
         raise SpecError(f"{where}.kwargs: not attributes of {type(config).__name__}: {', '.join(sorted(unused))}")
     cls = architectures.transformers_class(arch.class_name)
@@ -45,7 +45,3 @@ def transformers_source(spec: Spec) -> ModelSource:
         raise SpecError(f"{where}.class: transformers {transformers.__version__} has no class {arch.class_name!r}{extra}")
     name = arch.class_name
     return ModelSource(lambda: architectures.transformers_model(name, config), tracker, "architecture.transformers", config=config)
-
-
-def _first(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -1,10 +1,8 @@
-"""What `marpipe deploy` puts on a server: archives read once (identity, digest, the live check's data), and
+"""What `marpipe deploy` puts on a server: archives read once (identity, digest, metadata), and
 the two places a running TorchServe finds them: its own model store folder, or URLs it downloads from."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
@@ -12,8 +10,6 @@ import shutil
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from pipeline import archive, archive_dir
 from pipeline.errors import PackageError, SpecError
@@ -23,15 +19,13 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 @dataclass
 class Archive:
-    """One archive to deploy, read once: identity, digest, and what the live check replays."""
+    """One archive to deploy, read once: identity, digest, metadata (the live check replays it as smoke does)."""
 
     path: Path
     name: str
     version: str
     sha256: str
     meta: dict
-    inputs: dict[str, np.ndarray]
-    expected: dict[str, np.ndarray]
 
     @property
     def is_dir(self) -> bool:
@@ -64,31 +58,7 @@ def read_archive(path: Path) -> Archive:
     if not VERSION_RE.match(version) or ".." in version:
         raise SpecError(f"{path}: version {version!r} cannot name a file in the model store; use letters, digits, '.', '_', '-'")
     meta = json.loads(archive_dir.read_entry(path, archive.METADATA))
-    inputs, expected = (npz(archive_dir.read_entry(path, n)) for n in ("parity_inputs.npz", "parity_outputs.npz"))
-    return Archive(path, name, version, _digest(path), meta, inputs, expected)
-
-
-def _digest(path: Path) -> str:
-    """sha256 of a .mar file, or of a folder as `archive_dir.tree_digest` defines it."""
-    if path.is_dir():
-        return archive_dir.tree_digest(path)[1]
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(archive.CHUNK)
-        while n := f.readinto(buf):
-            digest.update(memoryview(buf)[:n])
-    return digest.hexdigest()
-
-
-def npz(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def to_npz(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+    return Archive(path, name, version, archive.digest(path)[1], meta)
 
 
 class FolderTarget:

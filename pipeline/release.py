@@ -138,8 +138,10 @@ def _build(todo: list[tuple[int, Job]], args: argparse.Namespace, store: stores.
             i, job = queue.pop(_pick([job.spec.export.format for _, job in queue], mine, others))
             try:
                 running[pool.submit(build_one, job)] = (i, job)
-            except BrokenProcessPool:
-                _finish(i, _died(job), store, results, args)
+            except BrokenProcessPool:  # a worker died: the pool takes nothing more, so nothing queued will run
+                for k, left in sorted([(i, job), *queue], key=lambda t: t[0]):
+                    _finish(k, _died(left), store, results, args)
+                queue.clear()
 
         for _ in range(workers):
             hand_out(None)

@@ -128,7 +128,7 @@ def clean_stale_workdirs() -> None:
     """Remove staging folders of builds that were killed (their pid no longer runs)."""
     for path in Path(tempfile.gettempdir()).glob("marpipe-*-*"):
         pid = path.name.split("-")[1]
-        if path.is_dir() and pid.isdigit() and not alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):  # ours are in use
             shutil.rmtree(path, ignore_errors=True)
 
 

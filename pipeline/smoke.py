@@ -24,9 +24,14 @@ from pipeline.samples import INDEX
 from pipeline.stages.parity import compare
 
 
-def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
+def check_archive(server: Any, name: str, path: Path, route: str | None = None, limit: int | None = None) -> list[dict]:
     """Replay one archive's stored inputs in npz and JSON, split over requests that fit the server's limits;
-    one result row per transport, then one per sample raw request."""
+    one result row per transport, then one per sample raw request. `route`: /predictions/<name> unless given
+    (deploy checks /predictions/<name>/<version>); `limit`: the server's max_request_size (read from the config
+    of a server marpipe started, TorchServe's default otherwise)."""
+    route = route or f"/predictions/{name}"
+    if limit is None:
+        limit = fit.max_request_size(server.workdir / "config.properties") if hasattr(server, "workdir") else fit.DEFAULT_MAX_REQUEST_SIZE
     meta = json.loads(read_entry(path, "marpipe.json"))
     inputs, expected = (_npz_bytes(read_entry(path, n)) for n in ("parity_inputs.npz", "parity_outputs.npz"))
     max_rows = meta.get("serve", {}).get("max_rows")
@@ -34,7 +39,7 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
     transports = [] if (meta.get("hooks") or {}).get("decode") else list(fit.ENCODERS)  # a decode hook reads every body:
     for transport in transports:  # its own sample requests (check_requests) are the check
         row = {"model": name, "format": meta["format"], "transport": transport, "ok": False, "max_abs": None, "why": ""}
-        answer = fit.replay(server, name, transport, inputs, max_rows)
+        answer = fit.replay(server, route, transport, inputs, max_rows, limit)
         if "outputs" not in answer:
             row.update(why=answer["why"], skipped=answer.get("skipped", False))
             rows.append(row)
@@ -44,10 +49,10 @@ def check_archive(server: ts.Server, name: str, path: Path) -> list[dict]:
         split = f"{count} rows in {answer['requests']} requests" if answer["requests"] > 1 else ""
         row.update(ok=not why, max_abs=worst, why="; ".join(why) or split)
         rows.append(row)
-    return rows + check_requests(server, name, path, meta)
+    return rows + check_requests(server, name, path, meta, route)
 
 
-def check_requests(server: ts.Server, name: str, path: Path, meta: dict) -> list[dict]:
+def check_requests(server: Any, name: str, path: Path, meta: dict, route: str) -> list[dict]:
     """Replay the archive's raw sample requests (images, texts, a hook's samples): the raw outputs (npz) and
     the JSON answer (labels, the encode hook) must match what the eager model gave through the same decoding."""
     try:
@@ -59,7 +64,7 @@ def check_requests(server: ts.Server, name: str, path: Path, meta: dict) -> list
     rows = []
     for sample in index:
         row = {"model": name, "format": meta["format"], "transport": sample["name"], "ok": False, "max_abs": None, "why": ""}
-        headers, body, route = {"Content-Type": sample["content_type"]}, read_entry(path, sample["body"]), f"/predictions/{name}"
+        headers, body = {"Content-Type": sample["content_type"]}, read_entry(path, sample["body"])
         code, _, raw = server.request("inference", route, body, dict(headers, Accept="application/x-npz"))
         code2, _, answer = server.request("inference", route, body, headers)
         if code != 200 or code2 != 200:

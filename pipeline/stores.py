@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import archive, index
-from pipeline.errors import PackageError
+from pipeline.errors import PackageError, first_line
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CHUNK = 8 << 20
@@ -86,21 +86,10 @@ def archive_path(folder: Path, name: str) -> Path | None:
     return None
 
 
-def faults(path: Path, meta: dict[str, Any] | None = None) -> list[str]:
-    """Every fault of an archive: `archive.verify` for a .mar; for a directory archive, each file listed in
-    its marpipe.json against its sha256 (`meta`, when the caller has read it already)."""
-    if not path.is_dir():
-        return archive.verify(path)
-    try:
-        meta = meta if meta is not None else index.metadata(path)
-    except PackageError as exc:
-        return [str(exc)]
-    out = []
-    for name, want in sorted((meta.get("files") or {}).items()):
-        f = path / name
-        if not f.is_file() or archive.digest(f)[1] != want:
-            out.append(f"{name!r} missing or not matching its sha256")
-    return out
+def faults(path: Path) -> list[str]:
+    """Every fault of an archive of either layout: `archive.verify` (for a folder `archive_dir.verify`: links,
+    unlisted files, the manifest, every sha256)."""
+    return archive.verify(path)
 
 
 class LocalStore(Store):
@@ -127,7 +116,7 @@ class LocalStore(Store):
             meta = index.metadata(path)
         except PackageError:
             return None
-        if meta.get("build_key") != key or faults(path, meta):
+        if meta.get("build_key") != key or faults(path):
             return None
         return self.publish(path, meta)  # the index names it even if it did not before
 
@@ -165,7 +154,7 @@ class RemoteStore(Store):
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **kwargs)
         except (ImportError, ValueError) as exc:
             raise PackageError(
-                f"store {url}: {_first_line(exc)}; for S3 install the s3 extra (pip install 'torchserve-pipeline[s3]')"
+                f"store {url}: {first_line(exc)}; for S3 install the s3 extra (pip install 'torchserve-pipeline[s3]')"
             ) from None
         self.root = self.root.rstrip("/")
         self._staging: Path | None = None
@@ -191,14 +180,14 @@ class RemoteStore(Store):
         except PackageError:
             raise
         except FileNotFoundError as exc:
-            raise PackageError(f"store {self.url}: {doing}: not found ({_first_line(exc)}); does the bucket exist?") from None
+            raise PackageError(f"store {self.url}: {doing}: not found ({first_line(exc)}); does the bucket exist?") from None
         except PermissionError as exc:
             raise PackageError(
-                f"store {self.url}: {doing}: access denied ({_first_line(exc)}); check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)"
+                f"store {self.url}: {doing}: access denied ({first_line(exc)}); check the AWS credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID)"
             ) from None
         except Exception as exc:  # botocore's connection and credential errors have no common OSError base
             raise PackageError(
-                f"store {self.url}: {doing}: {type(exc).__name__}: {_first_line(exc)}; check AWS_ENDPOINT_URL, the network and credentials"
+                f"store {self.url}: {doing}: {type(exc).__name__}: {first_line(exc)}; check AWS_ENDPOINT_URL, the network and credentials"
             ) from None
 
     def check(self, write: bool) -> None:
@@ -350,8 +339,3 @@ def local_copy(target: str) -> Iterator[Path]:
 
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[\]])", r"[\1]", name)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]

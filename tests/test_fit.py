@@ -36,7 +36,7 @@ def test_a_row_too_large_for_one_request() -> None:
 
 
 class Stub:
-    """What fit.replay uses of pipeline.server.Server: its workdir (config.properties) and request()."""
+    """What fit.replay uses of pipeline.server.Server: request()."""
 
     def __init__(self, workdir: Path, answer) -> None:
         self.workdir, self.answer, self.bodies = workdir, answer, []
@@ -57,18 +57,17 @@ def test_replay_reads_the_limit_and_joins_the_answers(tmp_path: Path) -> None:
     assert fit.max_request_size(tmp_path / "config.properties") == fit.DEFAULT_MAX_REQUEST_SIZE == 6_553_500
     (tmp_path / "config.properties").write_text(f"inference_address=http://127.0.0.1:1\nmax_request_size={size // 2 + fit.HEADROOM}\n")
     server = Stub(tmp_path, _echo)
-    answer = fit.replay(server, "m", "json", arrays, max_rows=64)
+    answer = fit.replay(server, "/predictions/m", "json", arrays, 64, fit.max_request_size(tmp_path / "config.properties"))
     assert answer["requests"] == len(server.bodies) >= 3
     np.testing.assert_array_equal(answer["outputs"]["y"][:, 0], arrays["ids"])
 
 
 def test_a_413_and_a_refused_connection_are_failed_checks_with_their_reason(tmp_path: Path) -> None:
     refused = Stub(tmp_path, lambda body: (_ for _ in ()).throw(urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))))
-    answer = fit.replay(refused, "m", "npz", _arrays(2), None)
+    answer = fit.replay(refused, "/predictions/m", "npz", _arrays(2), None, fit.DEFAULT_MAX_REQUEST_SIZE)
     assert "no answer to a" in answer["why"] and "ConnectionRefusedError" in answer["why"] and not answer.get("skipped")
     too_large = Stub(tmp_path, lambda body: (413, {}, b'{"code": 413, "message": "request too large"}'))
-    answer = fit.replay(too_large, "m", "json", _arrays(2), None)
+    answer = fit.replay(too_large, "/predictions/m", "json", _arrays(2), None, fit.DEFAULT_MAX_REQUEST_SIZE)
     assert answer["why"].startswith("HTTP 413 for a") and "request too large" in answer["why"]
-    (tmp_path / "config.properties").write_text(f"max_request_size={fit.HEADROOM + 100}\n")
-    answer = fit.replay(too_large, "m", "json", _arrays(2), None)
+    answer = fit.replay(too_large, "/predictions/m", "json", _arrays(2), None, fit.HEADROOM + 100)
     assert answer["skipped"] and "skipped: one row is" in answer["why"] and "max_request_size" in answer["why"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Project, marpipe
 
-from pipeline import archive_dir
+from pipeline import archive, archive_dir
 from pipeline.archive import verify
 
 
@@ -86,9 +86,11 @@ def test_verify_finds_every_fault_and_ignores_the_bytecode_cache(built: Project,
     for fault, path in cases.items():
         faults = verify(path)
         assert faults and any(fault in f for f in faults), (fault, faults)
+    result = marpipe("verify", *map(str, cases.values()))  # the command finds each of them too
+    assert result.returncode == 6 and result.stdout.count("FAIL") == len(cases), result.stdout
     cached = variant(lambda p: ((p / "__pycache__").mkdir(), (p / "__pycache__" / "tiny.cpython-311.pyc").write_bytes(b"x")))
     assert verify(cached) == []
-    assert archive_dir.tree_digest(cached) == archive_dir.tree_digest(good)
+    assert archive_dir.tree_digest(cached) == archive_dir.tree_digest(good) == archive.digest(cached)  # one rule
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])
@@ -192,3 +194,15 @@ def test_smoke_serves_both_layouts_from_one_store(built: Project, tmp_path: Path
     # TorchServe serves the folder itself (a link to it, no extracted copy): Python may write its bytecode
     # cache there when the worker imports the handler; the archive still verifies
     assert verify(store / "tiny_dir") == []
+
+
+def test_a_store_holds_one_archive_per_model_whatever_its_layout(built: Project, tmp_path: Path) -> None:
+    """Building the other layout of a model replaces its archive: serving both would register it twice."""
+    store = tmp_path / "both"
+    spec = str(built.root / "tiny.yaml")
+    assert marpipe("build", "--store", str(store), spec).returncode == 0
+    assert marpipe("build", "--store", str(store), "--layout", "dir", spec).returncode == 0
+    assert sorted(p.name for p in store.iterdir()) == ["index.json", "tiny"]
+    assert [e["file"] for e in json.loads((store / "index.json").read_text())["archives"]] == ["tiny"]
+    assert marpipe("build", "--store", str(store), spec).returncode == 0
+    assert sorted(p.name for p in store.iterdir()) == ["index.json", "tiny.mar"]

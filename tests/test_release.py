@@ -235,7 +235,8 @@ def test_build_key_covers_content_not_location(linear_project: Project, tmp_path
         assert cache.build_key(load_spec(other / "tiny.yaml"), opts) != key, what
     assert cache.build_key(spec.with_format("onnx", suffix=False), opts) != key
     assert cache.build_key(spec, {"device": "cpu", "layout": None}) != key
-    assert set(cache.versions()) == {"python", "torch", "onnx", "onnxscript", "onnxruntime", "numpy"}
+    expected = {"python", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "transformers", "tokenizers", "pillow"}
+    assert set(cache.versions()) == expected
 
 
 def test_index_regenerates_and_counts_directory_archives(linear_project: Project) -> None:
@@ -298,6 +299,8 @@ def test_release_workflow_lints_and_its_marpipe_commands_parse() -> None:
                     words = shlex.split(line.replace("$SHARDS", "2"))
                     commands.append(words[next(i for i, w in enumerate(words) if w.endswith("marpipe")) + 1 :])
     assert [c[0] for c in commands] == ["build", "index"]
+    makers = sorted(p.name for p in (ROOT / "examples").glob("make_*.py"))  # every example's inputs are made first
+    assert makers and all(f"examples/{m}" in WORKFLOW.read_text() for m in makers), makers
     for words in commands:
         args = parser().parse_args(words)  # exits (fails the test) on anything our CLI rejects
     build = parser().parse_args(commands[0])

@@ -352,3 +352,32 @@ def test_fuzz_every_body_gets_an_answer_of_its_own(built) -> None:
     decode_one()
     print("fuzzed request outcomes by status:", dict(sorted(outcomes.items())))
     assert len(outcomes) >= 2  # the strategies reach both accepted and refused bodies
+
+
+def test_client_text_never_reaches_the_status_line(built) -> None:
+    """An npz entry named with CR LF (echoed in the error) gets the standard reason phrase; the detail stays in
+    the JSON body, and the request batched after it is answered."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x\r\nX-Injected: 1\r\n.npy", b"\x93NUMPY garbage")
+    good = json.dumps({"inputs": {"x": [[1.0, 2.0, 3.0, 4.0]], "seq": [[[0.0] * 4] * 2]}}).encode()
+    out, ctx = _call(built, "two", [{"body": buf.getvalue()}, {"body": good}], [{"Content-Type": "application/x-npz"}, {}])
+    assert ctx.status[0] == (400, "Bad Request") and "error" in json.loads(out[0])
+    assert 1 not in ctx.status and "outputs" in json.loads(out[1])
+
+
+def test_text_inputs_declared_out_of_forward_order(tmp_path: Path) -> None:
+    """Inputs declared in another order than forward's are passed by keyword everywhere, the eager answers to the
+    sample raw requests included (a positional call would swap ids and mask, and parity would fail)."""
+    import yaml
+
+    project = Project(tmp_path)
+    spec = request_specs(project)["text"]
+    doc = yaml.safe_load(spec.read_text())
+    doc["inputs"] = doc["inputs"][::-1]  # attention_mask first
+    spec.write_text(yaml.safe_dump(doc))
+    result = project.build(spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with zipfile.ZipFile(project.store / "text.mar") as z:
+        meta = json.loads(z.read("marpipe.json"))
+    assert meta["call"] == "keyword" and [t["name"] for t in meta["inputs"]] == ["attention_mask", "input_ids"]

@@ -134,6 +134,8 @@ class Contract:
         rows = [value] if isinstance(value, dict) else value
         if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)):
             return value
+        if self.max_rows and len(rows) > self.max_rows:  # before any image is decoded
+            raise BadRequest(f"{len(rows)} rows in one request; at most {self.max_rows} are allowed (serve.max_rows)", 413)
         out = []
         for r in rows:
             if set(r) != {"b64"} or not isinstance(r["b64"], str):
@@ -183,7 +185,8 @@ def cast(name: str, arr: np.ndarray, dtype: str, rng: list | None) -> np.ndarray
     if target.kind == "f":
         with np.errstate(over="ignore"):  # overflow is reported just below, as the client's 400
             out = arr.astype(target, copy=False)
-        if kind == "f" and out.dtype != arr.dtype and not np.isfinite(out[np.isfinite(arr)]).all():
+        finite = np.isfinite(arr) if kind == "f" else True  # integers are all finite; float16 holds only up to 65504
+        if out.dtype != arr.dtype and not np.isfinite(out[finite]).all():
             raise BadRequest(f"input {name!r}: values overflow {dtype}")
         return out
     if kind == "f":

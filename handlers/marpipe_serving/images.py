@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import BadRequest
 
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what Pillow may decode here: not EPS (Ghostscript), PSD, ...
 # What a body's first bytes say it is: a client that sends no Content-Type still gets its image read.
 MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"))
 
@@ -37,17 +38,17 @@ def preprocess(data: bytes, spec: dict[str, Any], name: str, shape: list) -> np.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
                 w, h = im.size
-                if w * h > spec["max_pixels"]:
-                    raise BadRequest(f"input {name!r}: the image is {w}x{h} pixels, over the limit of {spec['max_pixels']}", 413)
-                im = im.convert(spec["mode"])
                 resize, crop = spec.get("resize"), spec.get("crop")
+                size = None
                 if resize:
-                    if w <= h:
-                        size = (resize, int(resize * h / w))
-                    else:
-                        size = (int(resize * w / h), resize)
+                    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+                for what, (x, y) in (("image", (w, h)), ("resized image", size or (0, 0))):
+                    if x * y > spec["max_pixels"]:  # a 250000x100 strip is small, resized to a short side of 256 it is not
+                        raise BadRequest(f"input {name!r}: the {what} is {x}x{y} pixels, over the limit of {spec['max_pixels']}", 413)
+                im = im.convert(spec["mode"])
+                if size:
                     im = im.resize(size, Image.BILINEAR)
                 if crop:
                     w, h = im.size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from http import HTTPStatus
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,11 @@ class Service:
 
 
 def error(context: Any, idx: int, status: int, message: str) -> str:
-    context.set_response_status(status, message[:200], idx)
+    """The request's status with its standard reason phrase, and the detail in the JSON body. Never client text in
+    the status line: TorchServe builds it per request inside its batch loop, and a CR or LF there (an npz entry
+    name can carry one) would throw and leave the rest of the batch unanswered."""
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    context.set_response_status(status, phrase, idx)
     context.set_response_content_type(idx, "application/json")
     return json.dumps({"error": message})
 

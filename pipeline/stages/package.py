@@ -249,7 +249,18 @@ def run(
     meta = dict(meta, outputs=outputs, parity=dict(parity.record(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
+    _drop_other_layout(draft.target)
     return Packaged(draft.target, _size(draft.target), entries, draft.copied_ahead)
+
+
+def _drop_other_layout(built: Path) -> None:
+    """A store holds one archive per model: a `.mar` replaces the model's folder archive and a folder its `.mar`
+    (serving both would register one model twice, and the cache would look at the other one)."""
+    other = built.parent / built.name.removesuffix(".mar") if built.suffix == ".mar" else built.parent / f"{built.name}.mar"
+    if other.is_dir() and (other / archive.MANIFEST).is_file():
+        shutil.rmtree(other, ignore_errors=True)
+    elif other.is_file() and other.suffix == ".mar":
+        other.unlink(missing_ok=True)
 
 
 def _size(path: Path) -> int:

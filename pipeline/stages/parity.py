@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import inputs, samples
-from pipeline.errors import ParityError, SpecError
+from pipeline.errors import ParityError, SpecError, first_line
 from pipeline.spec import Spec
 from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
@@ -97,7 +97,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             tensors = inputs.make(spec, dims, inputs.SEED + 1000 * s + k)
             expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}, loaded.by_name), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
-    raw = _raw_samples(spec, model, workdir, meta, device)
+    raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name)
     _check_labels(spec, meta, cases[0][3])
     del model
     if release:
@@ -119,7 +119,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             got = runner(arrays)
         except Exception as exc:
             for rec in records.values():
-                rec.failures.append(f"{label}: the {spec.export.format} model raised {type(exc).__name__}: {_short(exc)}")
+                rec.failures.append(f"{label}: the {spec.export.format} model raised {type(exc).__name__}: {first_line(exc)}")
             continue
         for n in names:
             _compare(records[n], expected[n], got.get(n), label)
@@ -138,7 +138,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
 
 
-def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str) -> list[samples.Sample]:
+def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str, by_name: bool) -> list[samples.Sample]:
     """Sample raw requests decoded as the handler decodes them, with the eager model's answers."""
     if not samples.needed(spec):
         return []
@@ -152,7 +152,7 @@ def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], de
     made = samples.make(spec, contract)
     for s in made:
         tensors = {t.name: torch.from_numpy(s.arrays[t.name]).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
-        s.expected = name_outputs(run_eager(spec, model, tensors), names)
+        s.expected = name_outputs(run_eager(spec, model, tensors, by_name), names)
         s.answer = samples.answer(s.expected, contract)
     return made
 
@@ -226,11 +226,6 @@ def _compare(rec: OutputRecord, expected: np.ndarray, got: np.ndarray | None, la
 
 def _label(dims: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in dims.items())
-
-
-def _short(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else "")[:200]
 
 
 def _print(spec: Spec, records: dict[str, OutputRecord], runs: int) -> None:
