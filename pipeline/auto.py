@@ -109,7 +109,7 @@ def choose(candidates: list[Candidate]) -> Candidate:
     return min((c for c in passed if c.median_ms <= fastest * (1 + TIE)), key=lambda c: FORMATS.index(c.format))
 
 
-def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: str | None) -> Any:
+def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: Any) -> Any:
     """Build `<name>.mar` from the fastest candidate that passes parity; all failing is the first failure's error
     (in the order eager, TorchScript, ONNX)."""
     from pipeline import runner
@@ -143,7 +143,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: s
         staged = best.staged
         meta = dict(staged["meta"], auto={"choice": best.format, "candidates": {c.format: c.record() for c in candidates}})
         if build_key:
-            meta["build_key"] = build_key
+            meta["build_key"] = build_key() if callable(build_key) else build_key
         runner.skip_stage(report, "parity", f"{dev}: every candidate above")
         report.parity = staged["parity"].record()
         loaded.release()

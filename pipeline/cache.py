@@ -73,6 +73,11 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def remember(path: Path, st: Any, sha256: str) -> None:
+    """A file's sha256 computed elsewhere (the load stage hashes the checkpoint): `file_sha256` takes it as it is."""
+    _file_hashes[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = sha256
+
+
 def factory_source(ref: str) -> dict[str, str | None]:
     """What a factory's code is, without importing it: the version of the distribution that installs its top-level
     package, or else the content of the module file or package folder found on sys.path."""

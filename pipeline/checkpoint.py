@@ -230,6 +230,9 @@ def _scanned(path: Path, fmt: str) -> tuple[os.stat_result, str, int]:
     st = path.stat()
     pending = _prescans.pop((str(path.resolve()), st.st_size, st.st_mtime_ns), None)
     digest, crc = pending.result() if pending else scan(path, fmt)
+    from pipeline import cache  # the build key reuses this hash instead of reading the file again
+
+    cache.remember(path, st, digest)
     return st, digest, crc
 
 

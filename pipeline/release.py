@@ -65,8 +65,12 @@ class Job:
     spec: Spec
     folder: Path  # the local folder the archive is written into
     device: str | None
-    key: str
+    key: str | None  # None: computed after the load stage hashed the checkpoint (the store holds no such archive)
     layout: str = "mar"  # mar: <name>.mar; dir: the folder <name>/
+    opts: dict[str, Any] | None = None  # cache.options, for a key computed later
+
+    def build_key(self) -> str:
+        return self.key or cache.build_key(self.spec, self.opts or {})
 
 
 def _say(line: str) -> None:
@@ -85,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
         todo: list[tuple[int, Job]] = []
         for i, spec in enumerate(jobs):
             start = time.perf_counter()
-            key = cache.build_key(spec, opts)
-            entry = None if args.force else store.unchanged(spec.name, key)
+            key = cache.build_key(spec, opts) if not args.force and store.may_hold(spec.name) else None
+            entry = store.unchanged(spec.name, key) if key else None
             if entry:
                 results[i] = _unchanged(spec, key, entry, store, time.perf_counter() - start)
                 _say(f"{spec.name:<24} unchanged        build key {key[:12]}, {store.location(entry['file'])}")
             else:
-                todo.append((i, Job(spec, store.local, args.device, key, args.layout)))
+                todo.append((i, Job(spec, store.local, args.device, key, args.layout, opts)))
         _write_reports(args, results, final=False)
         first = _build(todo, args, store, results)
         _write_reports(args, results, final=True)
@@ -175,7 +179,7 @@ def _pick(formats: list[str], mine: set[str], others: set[str]) -> int:
 
 def _died(job: Job) -> dict[str, Any]:
     result = _failed(job.spec, PipelineError("the worker process building it died (killed, or out of memory)"))
-    result.update(build_key=job.key, duration_s=None, size=None, sha256=None)
+    result.update(build_key=_key_of(job), duration_s=None, size=None, sha256=None)
     return result
 
 
@@ -221,12 +225,20 @@ def build_one(job: Job, prescanned: bool = False) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        result = build(job.spec, job.folder, job.device, job.layout, build_key=job.key).as_dict()
+        result = build(job.spec, job.folder, job.device, job.layout, build_key=job.build_key).as_dict()
     except PipelineError as exc:
         report = getattr(exc, "report", None)
         result = report.as_dict() if report else _failed(job.spec, exc)
-    result.update(build_key=job.key, duration_s=round(time.perf_counter() - start, 3), size=None, sha256=None, worker=os.getpid())
+    result.update(build_key=_key_of(job), duration_s=round(time.perf_counter() - start, 3), size=None, sha256=None, worker=os.getpid())
     return result
+
+
+def _key_of(job: Job) -> str | None:
+    """The job's build key for its report (remembered hashes: no second pass); None if a file it covers is gone."""
+    try:
+        return job.build_key()
+    except OSError:
+        return None
 
 
 def _failed(spec: Spec, exc: PipelineError) -> dict[str, Any]:

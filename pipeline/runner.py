@@ -78,11 +78,14 @@ def _say(name: str, stage: StageResult) -> None:
     print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
 
-def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: str | None = None) -> BuildReport:
+def build(
+    spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: str | Callable[[], str] | None = None
+) -> BuildReport:
     """Build one archive. Raises the stage's PipelineError after recording it in the report's stages.
 
     `layout`: `mar` writes `<store>/<name>.mar`, `dir` the folder `<store>/<name>/` (same entries).
-    `build_key` (see `pipeline.cache`) is recorded in the archive's marpipe.json."""
+    `build_key` (see `pipeline.cache`) is recorded in the archive's marpipe.json; a callable is called after the
+    load stage, whose hash of the checkpoint it reuses."""
     from pipeline.stages import export, load, package, parity
 
     if spec.export.format == AUTO:  # every candidate format, the fastest packaged: pipeline/auto.py
@@ -99,7 +102,7 @@ def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         if build_key:
-            meta["build_key"] = build_key
+            meta["build_key"] = build_key() if callable(build_key) else build_key
         with package.begin(spec, store, loaded, exported, layout) as draft:  # the weights are copied while parity runs
             checked = timed(
                 report,

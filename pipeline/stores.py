@@ -51,6 +51,11 @@ class Store:
         """The index entry of archive `name` when the store holds it built with `key` and it checks out."""
         raise NotImplementedError
 
+    def may_hold(self, name: str) -> bool:
+        """Whether the store holds an archive `name` at all: when not, no key can match, and computing the build
+        key (a pass over the checkpoint) waits until the load stage has hashed it anyway."""
+        raise NotImplementedError
+
     def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make the archive at `path` (under `local`) the store's, and enter it in the index (`meta`: its
         marpipe.json when already read). Returns its index entry."""
@@ -107,6 +112,9 @@ class LocalStore(Store):
                 raise PackageError(f"model store {self.root}: cannot write there (permission denied)")
         elif not self.root.is_dir():
             raise PackageError(f"model store {self.root}: no such folder")
+
+    def may_hold(self, name: str) -> bool:
+        return archive_path(self.root, name) is not None
 
     def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
         path = archive_path(self.root, name)
@@ -220,6 +228,9 @@ class RemoteStore(Store):
         except FileNotFoundError:
             return None
         return int(self.fs.du(key)) if info.get("type") == "directory" else int(info.get("size") or 0)
+
+    def may_hold(self, name: str) -> bool:
+        return index.find(self._index, name) is not None
 
     def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
         entry = index.find(self._index, name)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,37 @@ def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout
     )
+
+
+def serving(store: Path, timeout: float = 300, **kwargs: Any):
+    """A test TorchServe on free loopback ports, every model READY; stopped by pid afterwards. For fixtures:
+    `yield from serving(store, auth=True)`."""
+    from pipeline import server as ts
+
+    with ts.running(store, **kwargs) as srv:
+        status = ts.wait_ready(srv, timeout)
+        assert all(s == "READY" for s in status.values()), (status, srv.log_tail(40))
+        yield srv
+
+
+def start_serve(store: Path, port: int, workdir: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`marpipe serve` as an operator runs it, read up to its "serving" line: (the process, what it printed).
+    The caller stops it (SIGINT or SIGTERM)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--store", str(store), "--port", str(port), "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "serving; Ctrl-C stops" in line or not line:
+            break
+    return proc, "".join(lines)
 
 
 def store_state(store: Path) -> dict[str, bytes]:

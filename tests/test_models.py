@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, Project, marpipe
+from conftest import ROOT, Project, marpipe, start_serve
 from hf_models import bert_inputs, make_example, tiny_bert, to_bin_shards
 
 from pipeline import server as ts
@@ -177,22 +177,9 @@ def serving(project: Project):
     assert len(list(store.glob("*.mar"))) == 3
     port = ts.free_ports(1)[0]
     workdir = project.root / "serve"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--store", str(store), "--port", str(port), "--workdir", str(workdir)],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, text = start_serve(store, port, workdir)
     try:
-        lines = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "serving; Ctrl-C stops" in line or not line:
-                break
-        assert "serving; Ctrl-C stops" in "".join(lines), "".join(lines)
+        assert "serving; Ctrl-C stops" in text, text
         key = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
         yield proc, port, key
     finally:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import Project, marpipe
+from conftest import Project, marpipe, serving
 from request_models import close_labels, eager_image, eager_text, picture, preprocess, request_specs, top_labels
 
 from pipeline import server as ts
@@ -35,13 +35,7 @@ def project(tmp_path_factory) -> Project:
 
 @pytest.fixture(scope="module")
 def server(project: Project):
-    srv = ts.start(project.store, auth=True)
-    try:
-        status = ts.wait_ready(srv, 300)
-        assert all(s == "READY" for s in status.values()), (status, srv.log_tail(40))
-        yield srv
-    finally:
-        ts.stop(srv)
+    yield from serving(project.store, auth=True)
 
 
 def _post(server: ts.Server, route: str, body: bytes, ctype: str | None, accept: str | None = None) -> tuple[int, bytes]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Project, marpipe
+from conftest import ROOT, Project, marpipe, serving, start_serve
 
 from pipeline import inputs as gen
 from pipeline import server as ts
@@ -49,13 +49,7 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store: Path):
-    srv = ts.start(store, auth=True)
-    try:
-        status = ts.wait_ready(srv, 300)
-        assert all(s == "READY" for s in status.values()), (status, srv.log_tail(40))
-        yield srv
-    finally:
-        ts.stop(srv)
+    yield from serving(store, auth=True)
 
 
 def _meta(archive: Path) -> dict:
@@ -255,32 +249,15 @@ def _rewrite(src: Path, dst: Path, entry: str, change) -> None:
 
 def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None:
     """`marpipe serve` as an operator runs it: tokens on, key file announced, unauthenticated calls refused."""
-    import os
     import signal
-    import subprocess
-    import time
 
     one = tmp_path / "store"
     one.mkdir()
     (one / "simplenet_eager.mar").write_bytes((store / "simplenet_eager.mar").read_bytes())
     port = ts.free_ports(1)[0]
     workdir = tmp_path / "serve"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--store", str(one), "--port", str(port), "--workdir", str(workdir)],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, text = start_serve(one, port, workdir, timeout=240)
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "serving; Ctrl-C stops" in line or not line:
-                break
-        text = "".join(lines)
         assert "READY" in text and f"keys in {workdir / 'key_file.json'}" in text, text
         config = (workdir / "config.properties").read_text()
         for setting in (
