@@ -179,6 +179,7 @@ class Draft:
         self.target = target
         self.tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
         self.ahead: tuple[zipfile.ZipInfo, str] | None = None  # the entry copied ahead, and its sha256
+        self._ahead_info: zipfile.ZipInfo | None = None  # its zip entry while it is being copied
         self._locked = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
         self._error: PackageError | None = None
@@ -188,7 +189,7 @@ class Draft:
     def open(self, ahead: tuple[str, Path, Known] | None = None) -> None:
         try:
             self._locked.enter_context(_lock(self.target))
-            clean_leftovers(self.target, keep=self.tmp)
+            self._prepare()
         except PackageError as exc:
             self._error = exc
             return
@@ -196,24 +197,41 @@ class Draft:
             self._thread = threading.Thread(target=self._copy, args=ahead, name="marpipe-copy-ahead", daemon=True)
             self._thread.start()
 
+    def _prepare(self) -> None:
+        """Under the lock, before anything is written: a dead build's leftovers removed."""
+        clean_leftovers(self.target, keep=self.tmp)
+
+    def _destination(self, name: str) -> Path:
+        """The file the entry copied ahead is written into."""
+        return self.tmp
+
+    def _head(self, name: str, size: int, known: Known) -> bytes:
+        """What goes before the copied data in that file: the entry's zip header (the CRC is the load stage's)."""
+        info = _info(name)
+        info.file_size = info.compress_size = size
+        info.CRC, info.header_offset = known.crc32, 0
+        self._ahead_info = info
+        return info.FileHeader(size > zipfile.ZIP64_LIMIT)
+
+    def _copied(self, name: str, sha256: str) -> None:
+        self.ahead = (self._ahead_info, sha256)
+
     def _copy(self, name: str, src: Path, known: Known) -> None:
+        """The checkpoint, whose digests the load stage computed, copied in the kernel while parity runs."""
         try:
             try:
                 f = open(src, "rb", buffering=0)  # noqa: SIM115 (closed by the with below)
             except OSError as exc:
                 raise PackageError(f"{src}: cannot read it any more ({exc.strerror or exc}); build again") from None
-            with f, open(self.tmp, "wb", buffering=0) as out:
+            with f, open(self._destination(name), "wb", buffering=0) as out:
                 st = os.fstat(f.fileno())
                 if (st.st_size, st.st_mtime_ns) != known.stat:
                     raise PackageError(f"{src.resolve()} changed while the build was running; build again")
-                info = _info(name)
-                info.file_size = info.compress_size = st.st_size
-                info.CRC, info.header_offset = known.crc32, 0
-                header = info.FileHeader(st.st_size > zipfile.ZIP64_LIMIT)
-                out.write(header)
+                head = self._head(name, st.st_size, known)
+                out.write(head)
                 writeback = _Writeback(out.fileno())
                 try:
-                    _kernel_copy(f.fileno(), out.fileno(), st.st_size, len(header), str(src), self._stop, writeback.poke)
+                    _kernel_copy(f.fileno(), out.fileno(), st.st_size, len(head), str(src), self._stop, writeback.poke)
                 finally:
                     writeback.close()
                 after = os.fstat(f.fileno())
@@ -221,7 +239,7 @@ class Draft:
                     raise PackageError(f"{src.resolve()} changed while it was being archived; build again")
                 if not self._stop.is_set():
                     os.fdatasync(out.fileno())  # the bulk reaches the disk now, not in the final fsync
-                    self.ahead = (info, known.sha256)
+                    self._copied(name, known.sha256)
         except PackageError as exc:
             self._error = exc
         except OSError as exc:

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -40,46 +39,21 @@ class DirDraft(archive.Draft):
         super().__init__(target)
         self.ahead_dir: tuple[str, str] | None = None  # the entry copied ahead, and its sha256
 
-    def open(self, ahead: tuple[str, Path, Known] | None = None) -> None:
+    def _prepare(self) -> None:
+        clean_leftovers(self.target)
         try:
-            self._locked.enter_context(archive._lock(self.target))
-            clean_leftovers(self.target)
             self.tmp.mkdir()
-        except PackageError as exc:
-            self._error = exc
-            return
         except OSError as exc:
-            self._error = archive._write_error(self.target, exc)
-            return
-        if ahead:
-            self._thread = threading.Thread(target=self._copy, args=ahead, name="marpipe-copy-ahead", daemon=True)
-            self._thread.start()
+            raise archive._write_error(self.target, exc) from None
 
-    def _copy(self, name: str, src: Path, known: Known) -> None:
-        """The checkpoint, whose digests the load stage computed, copied in the kernel while parity runs."""
-        try:
-            dst = self.tmp / name
-            with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as out:
-                st = os.fstat(f.fileno())
-                if (st.st_size, st.st_mtime_ns) != known.stat:
-                    raise PackageError(f"{src.resolve()} changed while the build was running; build again")
-                writeback = archive._Writeback(out.fileno())
-                try:
-                    archive._kernel_copy(f.fileno(), out.fileno(), st.st_size, 0, str(src), self._stop, writeback.poke)
-                finally:
-                    writeback.close()
-                after = os.fstat(f.fileno())
-                if (after.st_size, after.st_mtime_ns) != known.stat:
-                    raise PackageError(f"{src.resolve()} changed while it was being archived; build again")
-                if not self._stop.is_set():
-                    os.fdatasync(out.fileno())
-                    self.ahead_dir = (name, known.sha256)
-        except PackageError as exc:
-            self._error = exc
-        except OSError as exc:
-            self._error = archive._write_error(self.target, exc)
-        except Exception as exc:  # a bug: reported by finish, not by a thread's traceback
-            self._error = PackageError(f"writing {self.target}: {type(exc).__name__}: {exc}")
+    def _destination(self, name: str) -> Path:
+        return self.tmp / name
+
+    def _head(self, name: str, size: int, known: Known) -> bytes:
+        return b""  # a plain file: the data alone
+
+    def _copied(self, name: str, sha256: str) -> None:
+        self.ahead_dir = (name, sha256)
 
     @property
     def copied_ahead(self) -> str | None:

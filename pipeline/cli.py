@@ -190,12 +190,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.stores import faults, local_copy
+    from pipeline.archive import verify
+    from pipeline.stores import local_copy
 
     bad = 0
     for target in args.archives:
         with local_copy(target) as path:
-            found = faults(path)
+            found = verify(path)
         bad += bool(found)
         print(f"{'ok  ' if not found else 'FAIL'} {target}" + "".join(f"\n     {f}" for f in found))
     return 6 if bad else 0

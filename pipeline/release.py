@@ -70,7 +70,10 @@ class Job:
     opts: dict[str, Any] | None = None  # cache.options, for a key computed later
 
     def build_key(self) -> str:
-        return self.key or cache.build_key(self.spec, self.opts or {})
+        """Computed once: the archive's marpipe.json and the report name the same key."""
+        if self.key is None:
+            self.key = cache.build_key(self.spec, self.opts or {})
+        return self.key
 
 
 def _say(line: str) -> None:

@@ -91,12 +91,6 @@ def archive_path(folder: Path, name: str) -> Path | None:
     return None
 
 
-def faults(path: Path) -> list[str]:
-    """Every fault of an archive of either layout: `archive.verify` (for a folder `archive_dir.verify`: links,
-    unlisted files, the manifest, every sha256)."""
-    return archive.verify(path)
-
-
 class LocalStore(Store):
     def __init__(self, root: Path) -> None:
         self.root = self.local = root
@@ -124,7 +118,7 @@ class LocalStore(Store):
             meta = index.metadata(path)
         except PackageError:
             return None
-        if meta.get("build_key") != key or faults(path):
+        if meta.get("build_key") != key or archive.verify(path):  # either layout: every entry and sha256
             return None
         return self.publish(path, meta)  # the index names it even if it did not before
 
