@@ -4,6 +4,7 @@ Prints tables and writes benchmarks/out/bench.json. Not a test: these machines a
 figure is a median of several runs and every target is a ratio to a baseline timed minutes apart.
 
   python benchmarks/bench.py [--size-gb 1] [--runs 3] [--cold-runs 5] [--requests 400] [--concurrency 8] [--only pack,cold,serve]
+                             [--vmargs OPTS]
 """
 
 from __future__ import annotations
@@ -311,8 +312,9 @@ class _Ceiling:
 
 
 def _warm_up(srv: Any, path: str, body: bytes, headers: dict, concurrency: int, seconds: float = 8.0, most: int = 400) -> None:
-    """Load until TorchServe's JVM has compiled its request path: about 400 requests of a 600 KB body. Measured
-    after 40 requests the frontend spent 11.5 ms of CPU per 600 KB request, after 400 about 5 ms (its JIT)."""
+    """Load until TorchServe's JVM has compiled its request path: about 400 requests of a 600 KB body. With
+    marpipe's JVM options (C1 only) the frontend is steady by then at 2.7-3 ms of CPU a request; with the JVM's
+    defaults its C2 compiler still took 3-4 ms a request until some 9,000 requests (`--vmargs ''` shows it)."""
     deadline, sent = time.perf_counter() + seconds, 0
     while sent < most and time.perf_counter() < deadline:
         _load(srv.host, srv.ports["inference"], path, body, headers, 40, concurrency)
@@ -331,7 +333,7 @@ def _photo_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def bench_serving(out: Path, total: int, concurrency: int, models: set[str], runs: int) -> dict:
+def bench_serving(out: Path, total: int, concurrency: int, models: set[str], runs: int, vmargs: str | None = None) -> dict:
     """For each model: every format's in-process latency at batch 8 (its ceiling: the batched forward as the
     handler runs it, all cores, measured before and after serving; the higher counts, so that on a noisy
     machine the ratio never flatters the server), the format `--format auto` chooses, and each format served by
@@ -339,7 +341,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
     after the frontend's warm-up), p50, p99, and the share of its own ceiling."""
     from pipeline import server as ts
 
-    results: dict = {"concurrency": concurrency, "runs": runs, "models": {}}
+    results: dict = {"concurrency": concurrency, "runs": runs, "vmargs": ts.jvm_args(vmargs), "models": {}}
     for label, spec, shape, formats, scale in _bench_specs(out):
         if label not in models:
             continue
@@ -363,7 +365,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
             ceiling = _Ceiling(archive, out / f"ceiling_{name}", image)
             before = ceiling.measure()
             row: dict = {}
-            with ts.running(store, [archive], auth=False) as srv:
+            with ts.running(store, [archive], auth=False, vmargs=vmargs) as srv:
                 if ts.wait_ready(srv, 300)[name] != "READY":
                     raise SystemExit(f"{name} not READY\n{srv.log_tail()}")
                 for kind, (body, headers) in bodies.items():
@@ -427,7 +429,7 @@ def report(results: dict) -> None:
         print(
             f"\nServed throughput: TorchServe batch_size 8, one row per request, concurrency {s['concurrency']} "
             f"(median of {s['runs']} loads after warm-up; ceiling: the in-process forward at batch 8 as the handler "
-            "runs it, all cores, the better of before and after)"
+            f"runs it, all cores, the better of before and after; TorchServe's JVM options: {s.get('vmargs') or 'the JVM defaults'})"
         )
         print(
             f"  {'model':<10} {'format':<12} {'batch 8 ms':>10} {'ceiling/s':>10} {'body':<5} {'req/s':>8} {'p50 ms':>8} "
@@ -465,6 +467,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--only", default="pack,cold,serve", help="comma list of pack, cold, serve")
     ap.add_argument("--models", default="cnn,imagecnn,identity", help="models of the serving benchmark")
+    ap.add_argument("--vmargs", help="TorchServe's JVM options for the serving benchmark (default: marpipe serve's; '' for the JVM's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +478,7 @@ def main() -> int:
     if "cold" in only:
         results["cold"] = bench_cold_start(args.out, args.cold_runs)
     if "serve" in only:
-        results["serve"] = bench_serving(args.out, args.requests, args.concurrency, set(args.models.split(",")), args.runs)
+        results["serve"] = bench_serving(args.out, args.requests, args.concurrency, set(args.models.split(",")), args.runs, args.vmargs)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     report(results)
     print(f"\nfigures written to {args.out / 'bench.json'}")

@@ -29,6 +29,7 @@ import yaml
 from pipeline import archive, archive_dir
 from pipeline.deploy import version_key
 from pipeline.errors import PackageError, SpecError
+from pipeline.server import jvm_args
 
 TORCHSERVE_VERSION = "0.12.0"  # the runtimeVersion: the image pytorch/torchserve-kfs:0.12.0
 MOUNT = "/mnt/models"
@@ -72,7 +73,7 @@ def store_name(model: str, version: str, is_dir: bool, versions: int) -> str:
     return base if is_dir else f"{base}.mar"
 
 
-def config_properties(snapshot: dict) -> str:
+def config_properties(snapshot: dict, vmargs: str | None = None) -> str:
     lines = [
         "# marpipe kserve: read by TorchServe and by KServe's wrapper from /mnt/models/config/config.properties",
         "# TorchServe is reached through KServe's wrapper (port 8080) only: it listens on the pod's loopback,",
@@ -95,6 +96,8 @@ def config_properties(snapshot: dict) -> str:
         "enable_model_api=false",
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'), sort_keys=True)}",
     ]
+    if jvm_args(vmargs):  # TorchServe's start script passes them to its JVM
+        lines.append(f"vmargs={jvm_args(vmargs)}")
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +127,7 @@ def service_name(out: Path) -> str:
     return name or "marpipe"
 
 
-def write(store: Path, out: Path, storage_uri: str | None, protocol: str) -> dict:
+def write(store: Path, out: Path, storage_uri: str | None, protocol: str, vmargs: str | None = None) -> dict:
     """Lay out OUT from every archive in `store`; returns the snapshot written."""
     if protocol not in PROTOCOLS:
         raise SpecError(f"--protocol {protocol}: use {' or '.join(PROTOCOLS)}")
@@ -149,11 +152,11 @@ def write(store: Path, out: Path, storage_uri: str | None, protocol: str) -> dic
         versions[max(versions, key=version_key)]["defaultVersion"] = True
     snapshot = {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()), "models": models}
     uri = storage_uri or f"pvc://marpipe-models/{out.resolve().name}"
-    _write_tree(out, names, snapshot, inference_service(service_name(out), uri, protocol))
+    _write_tree(out, names, snapshot, inference_service(service_name(out), uri, protocol), vmargs)
     return snapshot
 
 
-def _write_tree(out: Path, names: dict[str, Path], snapshot: dict, isvc: dict) -> None:
+def _write_tree(out: Path, names: dict[str, Path], snapshot: dict, isvc: dict, vmargs: str | None) -> None:
     """model-store/ built beside its final place and swapped in whole; the two text files written atomically."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def _write_tree(out: Path, names: dict[str, Path], snapshot: dict, isvc: dict) -
                 shutil.copyfile(src, tmp / file)
         archive_dir.put_in_place(tmp, out / "model-store")
         (out / "config").mkdir(exist_ok=True)
-        _atomic(out / "config" / "config.properties", config_properties(snapshot))
+        _atomic(out / "config" / "config.properties", config_properties(snapshot, vmargs))
         header = "# marpipe kserve: upload OUT to the storageUri, then kubectl apply -f inferenceservice.yaml\n"
         _atomic(out / "inferenceservice.yaml", header + yaml.safe_dump(isvc, sort_keys=False))
     except OSError as exc:
@@ -180,8 +183,8 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def kserve(store: Path, out: Path, storage_uri: str | None, protocol: str) -> int:
-    snapshot = write(store, out, storage_uri, protocol)
+def kserve(store: Path, out: Path, storage_uri: str | None, protocol: str, vmargs: str | None = None) -> int:
+    snapshot = write(store, out, storage_uri, protocol, vmargs)
     print(f"{'model':<28} {'version':<10} {'in model-store':<32} {'batch':>5} {'delay ms':>8} {'workers':>8}")
     for name, versions in sorted(snapshot["models"].items()):
         for version, s in sorted(versions.items()):

@@ -151,6 +151,19 @@ def archive_model_name(path: Path) -> str:
         raise PackageError(f"{path}: not a loadable archive ({exc}); run marpipe verify {path}") from None
 
 
+# TorchServe's frontend JVM with its quick compiler only. On 2 cores the default tiered JIT spends the first ~9,000
+# requests of 600 KB compiling (its C2 thread took 3-4 ms of CPU per request, the frontend 5-7 ms a request in
+# all, beside a worker that needs the same cores); C1 alone is steady after a few hundred requests at 2.7-3 ms.
+# C2 wins only after tens of thousands of requests (small bodies: 0.35 against 0.6 ms a request). `--vmargs ""`
+# gives the JVM's own defaults.
+JVM_ARGS = "-XX:TieredStopAtLevel=1"
+
+
+def jvm_args(vmargs: str | None) -> str:
+    """The `vmargs` line's value: JVM_ARGS unless given ('' for none), on one line."""
+    return JVM_ARGS if vmargs is None else " ".join(vmargs.split())
+
+
 def config_text(
     store: Path,
     archives: list[str],
@@ -159,6 +172,7 @@ def config_text(
     auth: bool,
     model_api: bool,
     allowed_urls: list[str] | None = None,
+    vmargs: str | None = None,
 ) -> str:
     """A TorchServe config that is safe by default: loopback only, tokens on, no model registration API."""
     h = f"[{host}]" if ":" in host else host
@@ -181,6 +195,8 @@ def config_text(
         "enable_envvars_config": "false",
         "default_workers_per_model": 1,
     }
+    if jvm_args(vmargs):
+        lines["vmargs"] = jvm_args(vmargs)
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
@@ -194,12 +210,14 @@ def start(
     model_api: bool = False,
     workdir: Path | None = None,
     allowed_urls: list[str] | None = None,
+    vmargs: str | None = None,
 ) -> Server:
     """Start TorchServe in its own process group with its own config, logs and temp folder.
 
     `archives`: the archives (.mar files or folders) to load; default every one in the store; an empty
     list starts a server with no model (to register them over the model API, with `model_api`).
-    `allowed_urls`: regular expressions of more URLs it may register archives from."""
+    `allowed_urls`: regular expressions of more URLs it may register archives from.
+    `vmargs`: options of TorchServe's JVM (default JVM_ARGS; '' for the JVM's own)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise PackageError("TorchServe needs Java 11+ and none was found; install it (apt-get install openjdk-17-jre-headless)")
     store = store.resolve()
@@ -220,7 +238,7 @@ def start(
         numbers = [port, port + 1, port + 2, *free_ports(2, host)]
     ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), numbers))
     config = workdir / "config.properties"
-    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api, allowed_urls))
+    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api, allowed_urls, vmargs))
     env = dict(
         os.environ,
         TEMP=str(workdir / "tmp"),
@@ -393,7 +411,15 @@ def serve_forever(args: Any) -> int:
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         started.append(
-            start(args.store, host=args.host, port=args.port, auth=not args.no_auth, model_api=args.enable_model_api, workdir=args.workdir)
+            start(
+                args.store,
+                host=args.host,
+                port=args.port,
+                auth=not args.no_auth,
+                model_api=args.enable_model_api,
+                workdir=args.workdir,
+                vmargs=args.vmargs,
+            )
         )
         server = started[0]
         if caught:

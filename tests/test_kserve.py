@@ -57,6 +57,7 @@ def test_config_is_what_the_runtime_expects(layout) -> None:
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["install_py_dep_per_model"] == "false"
     assert "service_envelope" not in props and props["enable_envvars_config"] == "false"  # the kservev2 envelope stays off
+    assert props["vmargs"] == "-XX:TieredStopAtLevel=1"  # the frontend's quick compiler only (README, Performance)
     snapshot = json.loads(props["model_snapshot"])
     assert snapshot["modelCount"] == 2 and sorted(snapshot["models"]) == ["tiny.mlp", "two"]
     tiny = snapshot["models"]["tiny.mlp"]["2.1"]
@@ -155,6 +156,19 @@ class _Daemon:
                 raise subprocess.TimeoutExpired("torchserve", timeout or 0)
             time.sleep(0.1)
         return self.returncode
+
+
+def test_the_runtime_starts_the_jvm_with_the_layouts_options(served) -> None:
+    srv, _ = served
+    args = (Path("/proc") / str(srv.proc.frontend) / "cmdline").read_bytes().decode().split("\0")
+    assert args[0].endswith("java") and "-XX:TieredStopAtLevel=1" in args, args
+
+
+def test_kserve_vmargs_empty_leaves_the_jvm_alone(layout, tmp_path: Path) -> None:
+    store, _ = layout
+    result = marpipe("kserve", "--store", str(store), str(tmp_path / "out"), "--vmargs", "")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vmargs" not in _properties(tmp_path / "out" / "config" / "config.properties")
 
 
 def test_every_archive_answers_in_the_kserve_layout(served) -> None:

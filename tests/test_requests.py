@@ -381,3 +381,21 @@ def test_text_inputs_declared_out_of_forward_order(tmp_path: Path) -> None:
     with zipfile.ZipFile(project.store / "text.mar") as z:
         meta = json.loads(z.read("marpipe.json"))
     assert meta["call"] == "keyword" and [t["name"] for t in meta["inputs"]] == ["attention_mask", "input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("body", "numeric"),
+    [
+        (b'{"inputs": {"x": [[1, 2.5, null, true]]}}', True),
+        (b'{"x": [[1e3, -0.5]]}', True),
+        (b'{"inputs": {"x": [["1", 2]]}}', False),  # a string value: the general path
+        (b'{"inputs": {"x": [[1, 2]]}, "id": "a"}', False),
+        (b'{"in\\"puts": {"x": [[1]]}}', False),  # an escaped quote in a key
+        (b'{"inputs": {"x": [[1]], "y": {"z": 1}}}', False),  # a third level's key: a nested object
+    ],
+)
+def test_numeric_only_counts_the_keys_quotes(body: bytes, numeric: bool) -> None:
+    from handlers.marpipe_serving.codecs import numeric_only, parse_json_or_npz
+
+    for raw in (body, bytearray(body)):  # TorchServe hands the handler a bytearray
+        assert numeric_only(raw, parse_json_or_npz(raw, "application/json", "body")) is numeric

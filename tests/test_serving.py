@@ -267,8 +267,12 @@ def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None
             "enable_model_api=false",
             "install_py_dep_per_model=false",
             "load_models=simplenet_eager.mar",
+            "vmargs=-XX:TieredStopAtLevel=1",
         ):
             assert setting in config
+        assert ts.JVM_ARGS.split() == ["-XX:TieredStopAtLevel=1"]
+        frontend = _java_cmdline(f"-Djava.io.tmpdir={workdir.resolve() / 'tmp'}")
+        assert "-XX:TieredStopAtLevel=1" in frontend, frontend  # TorchServe handed the option to its JVM
         import urllib.error
         import urllib.request
 
@@ -289,3 +293,25 @@ def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+
+
+def _java_cmdline(marker: str) -> list[str]:
+    """The arguments of the running java process whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if args[0].endswith("java") and marker in args:
+            return args
+    raise AssertionError(f"no java process with {marker}")
+
+
+def test_jvm_options_are_one_line_and_can_be_dropped(tmp_path: Path) -> None:
+    ports = dict.fromkeys(("inference", "management", "metrics", "grpc_inference", "grpc_management"), 1)
+    text = ts.config_text(tmp_path, [], "127.0.0.1", ports, True, False)
+    assert "vmargs=-XX:TieredStopAtLevel=1\n" in text
+    assert "vmargs" not in ts.config_text(tmp_path, [], "127.0.0.1", ports, True, False, vmargs=" ")
+    text = ts.config_text(tmp_path, [], "127.0.0.1", ports, True, False, vmargs="-Xmx2g\nenable_model_api=true")
+    assert "vmargs=-Xmx2g enable_model_api=true" in text.splitlines()  # a newline cannot start a setting of its own
+    assert "enable_model_api=true" not in text.splitlines()
