@@ -312,9 +312,9 @@ class _Ceiling:
 
 
 def _warm_up(srv: Any, path: str, body: bytes, headers: dict, concurrency: int, seconds: float = 8.0, most: int = 400) -> None:
-    """Load until TorchServe's JVM has compiled its request path: about 400 requests of a 600 KB body. With
-    marpipe's JVM options (C1 only) the frontend is steady by then at 2.7-3 ms of CPU a request; with the JVM's
-    defaults its C2 compiler still took 3-4 ms a request until some 9,000 requests (`--vmargs ''` shows it)."""
+    """Load until TorchServe's JVM has compiled its request path: about 400 requests of a 600 KB body. With the
+    JVM's defaults its C2 compiler still took 3-4 ms of CPU a request until some 9,000 requests; with `--vmargs
+    -XX:TieredStopAtLevel=1` (C1 only) the frontend is steady by then at 2.7-3 ms a request."""
     deadline, sent = time.perf_counter() + seconds, 0
     while sent < most and time.perf_counter() < deadline:
         _load(srv.host, srv.ports["inference"], path, body, headers, 40, concurrency)
@@ -467,7 +467,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--only", default="pack,cold,serve", help="comma list of pack, cold, serve")
     ap.add_argument("--models", default="cnn,imagecnn,identity", help="models of the serving benchmark")
-    ap.add_argument("--vmargs", help="TorchServe's JVM options for the serving benchmark (default: marpipe serve's; '' for the JVM's own)")
+    ap.add_argument("--vmargs", help="TorchServe's JVM options for the serving benchmark, e.g. -XX:TieredStopAtLevel=1 (default none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

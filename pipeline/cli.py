@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-auth", action="store_true", help="turn token authorization off (trusted networks only)")
     r.add_argument("--enable-model-api", action="store_true", help="allow registering models over the management API")
     r.add_argument("--workdir", type=Path, default=Path(".marpipe-serve"), help="config, logs, key file and temp folder")
-    r.add_argument("--vmargs", help="options of TorchServe's JVM (default -XX:TieredStopAtLevel=1: C1 only; '' for the JVM's own)")
+    r.add_argument("--vmargs", help="options of TorchServe's JVM, e.g. --vmargs=-XX:TieredStopAtLevel=1 (README, Performance)")
 
     d = sub.add_parser("deploy", help="register archives on a running TorchServe as new versions, check them live, then make them default")
     d.add_argument("archives", nargs="+", type=Path, metavar="ARCHIVE", help=".mar files or directory archives")
@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--store", default="model_store", type=Path, help="the archives to serve (default: model_store)")
     k.add_argument("--storage-uri", help="where OUT will be uploaded, for the InferenceService (default: pvc://marpipe-models/<OUT name>)")
     k.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="the InferenceService's protocolVersion (default v1)")
-    k.add_argument("--vmargs", help="options of TorchServe's JVM in config.properties (default: -XX:TieredStopAtLevel=1; '' for none)")
+    k.add_argument("--vmargs", help="options of TorchServe's JVM, written to config.properties (default none)")
     return p
 
 

@@ -151,17 +151,17 @@ def archive_model_name(path: Path) -> str:
         raise PackageError(f"{path}: not a loadable archive ({exc}); run marpipe verify {path}") from None
 
 
-# TorchServe's frontend JVM with its quick compiler only. On 2 cores the default tiered JIT spends the first ~9,000
-# requests of 600 KB compiling (its C2 thread took 3-4 ms of CPU per request, the frontend 5-7 ms a request in
-# all, beside a worker that needs the same cores); C1 alone is steady after a few hundred requests at 2.7-3 ms.
-# C2 wins only after tens of thousands of requests (small bodies: 0.35 against 0.6 ms a request). `--vmargs ""`
-# gives the JVM's own defaults.
-JVM_ARGS = "-XX:TieredStopAtLevel=1"
+# TorchServe's JVM with its quick compiler only: what `--vmargs` is for, not a default. On 2 cores the default
+# tiered JIT spends the first ~9,000 requests of 600 KB compiling (its C2 thread took 3-4 ms of CPU a request
+# beside a worker that needs the same cores); C1 alone is steady after a few hundred requests. But C1 has no
+# SHA-1 intrinsic, and TorchServe digests every byte of a .mar it extracts: 11x slower (a 1 GiB .mar's cold
+# start 6.3 -> 19.2 s), and C2 wins in the long run (small bodies: 0.35 against 0.6 ms a request).
+QUICK_JIT = "-XX:TieredStopAtLevel=1"
 
 
 def jvm_args(vmargs: str | None) -> str:
-    """The `vmargs` line's value: JVM_ARGS unless given ('' for none), on one line."""
-    return JVM_ARGS if vmargs is None else " ".join(vmargs.split())
+    """The `vmargs` line's value, on one line ('' for none: the JVM's defaults)."""
+    return " ".join((vmargs or "").split())
 
 
 def config_text(
@@ -217,7 +217,7 @@ def start(
     `archives`: the archives (.mar files or folders) to load; default every one in the store; an empty
     list starts a server with no model (to register them over the model API, with `model_api`).
     `allowed_urls`: regular expressions of more URLs it may register archives from.
-    `vmargs`: options of TorchServe's JVM (default JVM_ARGS; '' for the JVM's own)."""
+    `vmargs`: options of TorchServe's JVM (default none: the JVM's own; see QUICK_JIT)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise PackageError("TorchServe needs Java 11+ and none was found; install it (apt-get install openjdk-17-jre-headless)")
     store = store.resolve()

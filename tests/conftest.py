@@ -37,11 +37,11 @@ def serving(store: Path, timeout: float = 300, **kwargs: Any):
         yield srv
 
 
-def start_serve(store: Path, port: int, workdir: Path, timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    """`marpipe serve` as an operator runs it, read up to its "serving" line: (the process, what it printed).
-    The caller stops it (SIGINT or SIGTERM)."""
+def start_serve(store: Path, port: int, workdir: Path, *options: str, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`marpipe serve` as an operator runs it (with more `options`), read up to its "serving" line: (the process,
+    what it printed). The caller stops it (SIGINT or SIGTERM)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--store", str(store), "--port", str(port), "--workdir", str(workdir)],
+        [sys.executable, "-m", "pipeline", "serve", "--store", str(store), "--port", str(port), "--workdir", str(workdir), *options],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stderr=subprocess.PIPE,

@@ -38,7 +38,8 @@ def layout(tmp_path_factory) -> tuple[Path, Path]:
     result = project.build("--layout", "dir", two)
     assert result.returncode == 0, result.stdout + result.stderr
     out = project.root / "kserve-out"
-    result = marpipe("kserve", "--store", str(project.store), str(out), "--storage-uri", "s3://models/marpipe", "--protocol", "v2")
+    options = ("--storage-uri", "s3://models/marpipe", "--protocol", "v2", f"--vmargs={ts.QUICK_JIT}")
+    result = marpipe("kserve", "--store", str(project.store), str(out), *options)
     assert result.returncode == 0, result.stdout + result.stderr
     return project.store, out
 
@@ -57,7 +58,7 @@ def test_config_is_what_the_runtime_expects(layout) -> None:
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["install_py_dep_per_model"] == "false"
     assert "service_envelope" not in props and props["enable_envvars_config"] == "false"  # the kservev2 envelope stays off
-    assert props["vmargs"] == "-XX:TieredStopAtLevel=1"  # the frontend's quick compiler only (README, Performance)
+    assert props["vmargs"] == "-XX:TieredStopAtLevel=1"  # --vmargs: the frontend's quick compiler only
     snapshot = json.loads(props["model_snapshot"])
     assert snapshot["modelCount"] == 2 and sorted(snapshot["models"]) == ["tiny.mlp", "two"]
     tiny = snapshot["models"]["tiny.mlp"]["2.1"]
@@ -164,9 +165,9 @@ def test_the_runtime_starts_the_jvm_with_the_layouts_options(served) -> None:
     assert args[0].endswith("java") and "-XX:TieredStopAtLevel=1" in args, args
 
 
-def test_kserve_vmargs_empty_leaves_the_jvm_alone(layout, tmp_path: Path) -> None:
+def test_kserve_without_vmargs_leaves_the_jvm_alone(layout, tmp_path: Path) -> None:
     store, _ = layout
-    result = marpipe("kserve", "--store", str(store), str(tmp_path / "out"), "--vmargs", "")
+    result = marpipe("kserve", "--store", str(store), str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "vmargs" not in _properties(tmp_path / "out" / "config" / "config.properties")
 
