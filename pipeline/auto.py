@@ -17,10 +17,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ExportError, ParityError, PipelineError
 from pipeline.spec import FORMATS, Spec
+
+if TYPE_CHECKING:
+    from pipeline.runner import BuildKey
 
 TIE = 0.05  # a simpler format within 5% of the fastest wins
 STATUS = {ExportError: "failed export", ParityError: "failed parity"}
@@ -109,7 +112,7 @@ def choose(candidates: list[Candidate]) -> Candidate:
     return min((c for c in passed if c.median_ms <= fastest * (1 + TIE)), key=lambda c: FORMATS.index(c.format))
 
 
-def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: Any) -> Any:
+def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: BuildKey) -> Any:
     """Build `<name>.mar` from the fastest candidate that passes parity; all failing is the first failure's error
     (in the order eager, TorchScript, ONNX)."""
     from pipeline import runner
@@ -142,8 +145,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: A
         report.auto["choice"] = best.format
         staged = best.staged
         meta = dict(staged["meta"], auto={"choice": best.format, "candidates": {c.format: c.record() for c in candidates}})
-        if build_key:
-            meta["build_key"] = build_key() if callable(build_key) else build_key
+        runner.record_key(meta, build_key)
         runner.skip_stage(report, "parity", f"{dev}: every candidate above")
         report.parity = staged["parity"].record()
         loaded.release()

@@ -96,8 +96,8 @@ def config_properties(snapshot: dict, vmargs: str | None = None) -> str:
         "enable_model_api=false",
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'), sort_keys=True)}",
     ]
-    if jvm_args(vmargs):  # TorchServe's start script passes them to its JVM
-        lines.append(f"vmargs={jvm_args(vmargs)}")
+    if jvm := jvm_args(vmargs):  # TorchServe's start script passes them to its JVM
+        lines.append(f"vmargs={jvm}")
     return "\n".join(lines) + "\n"
 
 

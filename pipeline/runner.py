@@ -78,9 +78,16 @@ def _say(name: str, stage: StageResult) -> None:
     print(f"{name:<24} {stage.name:<8} {stage.status:<6} {stage.duration_s:7.2f}s  {stage.detail}")
 
 
-def build(
-    spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: str | Callable[[], str] | None = None
-) -> BuildReport:
+BuildKey = str | Callable[[], str] | None  # a callable is called after the load stage, whose hash it reuses
+
+
+def record_key(meta: dict[str, Any], build_key: BuildKey) -> None:
+    """The build key, if any, into the archive's marpipe.json (a callable computed now)."""
+    if build_key:
+        meta["build_key"] = build_key() if callable(build_key) else build_key
+
+
+def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: BuildKey = None) -> BuildReport:
     """Build one archive. Raises the stage's PipelineError after recording it in the report's stages.
 
     `layout`: `mar` writes `<store>/<name>.mar`, `dir` the folder `<store>/<name>/` (same entries).
@@ -101,8 +108,7 @@ def build(
         exported = timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
-        if build_key:
-            meta["build_key"] = build_key() if callable(build_key) else build_key
+        record_key(meta, build_key)
         with package.begin(spec, store, loaded, exported, layout) as draft:  # the weights are copied while parity runs
             checked = timed(
                 report,

@@ -195,8 +195,8 @@ def config_text(
         "enable_envvars_config": "false",
         "default_workers_per_model": 1,
     }
-    if jvm_args(vmargs):
-        lines["vmargs"] = jvm_args(vmargs)
+    if jvm := jvm_args(vmargs):
+        lines["vmargs"] = jvm
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
