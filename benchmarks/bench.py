@@ -259,8 +259,9 @@ def _load(host: str, port: int, path: str, body: bytes, headers: dict, total: in
     }
 
 
-def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str, ...], int]]:
-    """(label, spec, one request's input shape, formats, request count scale) for the serving benchmark."""
+def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str, ...], float, Path]]:
+    """(label, spec, one request's input shape, formats, request count scale, the spec of an identity model with
+    the same input: the cheap model that warms TorchServe's JIT) for the serving benchmark."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks" / "models"))
@@ -271,7 +272,12 @@ def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str,
     shutil.copy(ROOT / "benchmarks" / "models" / "bench_models.py", folder / "bench_models.py")
     torch.manual_seed(0)
     imagenet = ", image: {resize: 256, crop: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}"
-    for cls, name, shape, image in ((ImageCNN, "imagecnn", (3, 224, 224), imagenet), (Identity, "identity", (3, 32, 32), "")):
+    models = (
+        (ImageCNN, "imagecnn", (3, 224, 224), imagenet),
+        (Identity, "identity", (3, 32, 32), ""),
+        (Identity, "identity224", (3, 224, 224), ""),
+    )
+    for cls, name, shape, image in models:
         torch.save(cls().state_dict(), folder / f"{name}.pth")
         (folder / f"{name}.yaml").write_text(
             f"name: {name}\narchitecture: {{file: bench_models.py, class: {cls.__name__}}}\ncheckpoint: {{path: {name}.pth}}\n"
@@ -281,9 +287,9 @@ def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str,
         )
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_checkpoints.py")], check=True, stdout=subprocess.DEVNULL)
     return [
-        ("cnn", ROOT / "examples" / "cnn.yaml", (3, 32, 32), ("eager", "torchscript", "onnx"), 1),
-        ("imagecnn", folder / "imagecnn.yaml", (3, 224, 224), ("eager", "torchscript", "onnx"), 0.4),
-        ("identity", folder / "identity.yaml", (3, 32, 32), ("eager",), 1),
+        ("cnn", ROOT / "examples" / "cnn.yaml", (3, 32, 32), ("eager", "torchscript", "onnx"), 1, folder / "identity.yaml"),
+        ("imagecnn", folder / "imagecnn.yaml", (3, 224, 224), ("eager", "torchscript", "onnx"), 0.4, folder / "identity224.yaml"),
+        ("identity", folder / "identity.yaml", (3, 32, 32), ("eager",), 1, folder / "identity.yaml"),
     ]
 
 
@@ -312,13 +318,62 @@ class _Ceiling:
 
 
 def _warm_up(srv: Any, path: str, body: bytes, headers: dict, concurrency: int, seconds: float = 8.0, most: int = 400) -> None:
-    """Load until TorchServe's JVM has compiled its request path: about 400 requests of a 600 KB body. With the
-    JVM's defaults its C2 compiler still took 3-4 ms of CPU a request until some 9,000 requests; with `--vmargs
-    -XX:TieredStopAtLevel=1` (C1 only) the frontend is steady by then at 2.7-3 ms a request."""
+    """Up to 400 requests (8 s at most) of the measured model and body: its worker, its runner and the batching
+    settled. TorchServe's JIT needs far more: see _warm_jit."""
     deadline, sent = time.perf_counter() + seconds, 0
     while sent < most and time.perf_counter() < deadline:
         _load(srv.host, srv.ports["inference"], path, body, headers, 40, concurrency)
         sent += 40
+
+
+def _measured(srv: Any, path: str, body: bytes, headers: dict, count: int, concurrency: int, runs: int) -> dict:
+    """The median of `runs` loads of `count` requests, after _warm_up."""
+    _warm_up(srv, path, body, headers, concurrency)
+    loads = [_load(srv.host, srv.ports["inference"], path, body, headers, count, concurrency) for _ in range(runs)]
+    return dict(sorted(loads, key=lambda r: r["rps"])[len(loads) // 2], rps_runs=[r["rps"] for r in loads])
+
+
+def _jit_cpu_s(srv: Any) -> float | None:
+    """CPU seconds TorchServe's JIT compiler threads have used so far, read from /proc (None without /proc)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text()
+            if stat[stat.index("(") + 1 : stat.rindex(")")] != "java" or int(stat.rpartition(")")[2].split()[2]) != srv.proc.pid:
+                continue  # TorchServe's java runs in the server's own process group
+            used = 0
+            for task in (proc / "task").iterdir():
+                if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                    fields = (task / "stat").read_text().rpartition(")")[2].split()
+                    used += int(fields[11]) + int(fields[12])
+            return used / tick
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _warm_jit(
+    srv: Any, path: str, body: bytes, headers: dict, concurrency: int, quiet_ms: float = 0.1, most: int = 40_000, seconds: float = 120.0
+) -> dict:
+    """Load a model that computes nothing, with the measured body, until TorchServe's JIT compilers go quiet:
+    under `quiet_ms` of CPU a request over 400 requests (or `most` requests, `seconds` at most; 4,000 requests
+    where /proc cannot tell). A fresh JVM's C2 compiler took 3-4 ms of CPU per 600 KB request for some 9,000
+    requests of the 224x224 CNN at 50 req/s: on 2 cores, taken from the worker. The frontend runs the same code
+    whichever model a request names, so a cheap model gets the JVM to its steady state in seconds."""
+    start, sent, per_request = time.perf_counter(), 0, None
+    while sent < most and time.perf_counter() - start < seconds:
+        before = _jit_cpu_s(srv)
+        _load(srv.host, srv.ports["inference"], path, body, headers, 400, concurrency)
+        sent += 400
+        after = _jit_cpu_s(srv)
+        if before is None or after is None:
+            if sent >= 4000:
+                break
+            continue
+        per_request = (after - before) * 1000 / 400
+        if per_request < quiet_ms:
+            break
+    return {"requests": sent, "seconds": time.perf_counter() - start, "jit_ms_per_request": per_request}
 
 
 def _photo_jpeg() -> bytes:
@@ -337,17 +392,22 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
     """For each model: every format's in-process latency at batch 8 (its ceiling: the batched forward as the
     handler runs it, all cores, measured before and after serving; the higher counts, so that on a noisy
     machine the ratio never flatters the server), the format `--format auto` chooses, and each format served by
-    a real TorchServe with npz and JSON bodies (JPEG too for the 224x224 CNN): req/s (median of `runs` loads
-    after the frontend's warm-up), p50, p99, and the share of its own ceiling."""
+    a real TorchServe with npz and JSON bodies (JPEG too for the 224x224 CNN): req/s (median of `runs` loads),
+    p50, p99, and the share of its own ceiling. Each server is measured twice with npz: fresh (`fresh`: 400
+    requests after the model is READY, the JIT still compiling), then at its steady state, after _warm_jit on
+    an identity model served beside it; the other bodies at the steady state."""
     from pipeline import server as ts
 
     results: dict = {"concurrency": concurrency, "runs": runs, "vmargs": ts.jvm_args(vmargs), "models": {}}
-    for label, spec, shape, formats, scale in _bench_specs(out):
+    for label, spec, shape, formats, scale, warm_spec in _bench_specs(out):
         if label not in models:
             continue
         store = out / f"serve_{label}"
         shutil.rmtree(store, ignore_errors=True)
         run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", ",".join(formats), str(spec)])
+        if warm_spec != spec:
+            run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", "eager", str(warm_spec)])
+        warm_name = warm_spec.stem
         image = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
         buf = io.BytesIO()
         np.savez(buf, image=image)
@@ -365,24 +425,28 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
             ceiling = _Ceiling(archive, out / f"ceiling_{name}", image)
             before = ceiling.measure()
             row: dict = {}
-            with ts.running(store, [archive], auth=False, vmargs=vmargs) as srv:
-                if ts.wait_ready(srv, 300)[name] != "READY":
+            path, load = f"/predictions/{name}", (count, concurrency, runs)
+            with ts.running(store, sorted({archive, store / f"{warm_name}.mar"}), auth=False, vmargs=vmargs) as srv:
+                if set(ts.wait_ready(srv, 300).values()) != {"READY"}:
                     raise SystemExit(f"{name} not READY\n{srv.log_tail()}")
+                row["fresh"] = _measured(srv, path, *bodies["npz"], *load)
+                row["jit_warm_up"] = _warm_jit(srv, f"/predictions/{warm_name}", *bodies["npz"], concurrency)
                 for kind, (body, headers) in bodies.items():
-                    path = f"/predictions/{name}"
-                    _warm_up(srv, path, body, headers, concurrency)
-                    loads = [_load(srv.host, srv.ports["inference"], path, body, headers, count, concurrency) for _ in range(runs)]
-                    row[kind] = dict(sorted(loads, key=lambda r: r["rps"])[len(loads) // 2], rps_runs=[r["rps"] for r in loads])
+                    row[kind] = _measured(srv, path, body, headers, *load)
             after = ceiling.measure()
             row["ceiling_rows_per_s"], row["ceiling_runs"] = max(before, after), [before, after]
             row["latency_ms"] = 8 * 1000 / row["ceiling_rows_per_s"]  # one in-process batch of 8
-            for kind in bodies:
+            for kind in ("fresh", *bodies):
                 row[kind]["of_ceiling"] = row[kind]["rps"] / row["ceiling_rows_per_s"]
                 row[kind]["of_npz"] = row[kind]["rps"] / row["npz"]["rps"]
             model["formats"][fmt] = row
         rows = model["formats"]
         fastest = max(rows, key=lambda f: rows[f]["ceiling_rows_per_s"])
-        model["fastest"] = {"format": fastest, "npz_of_ceiling": rows[fastest]["npz"]["of_ceiling"]}
+        model["fastest"] = {
+            "format": fastest,
+            "npz_of_ceiling": rows[fastest]["npz"]["of_ceiling"],
+            "fresh_of_ceiling": rows[fastest]["fresh"]["of_ceiling"],
+        }
         results["models"][label] = model
     return results
 
@@ -428,34 +492,42 @@ def report(results: dict) -> None:
         s = results["serve"]
         print(
             f"\nServed throughput: TorchServe batch_size 8, one row per request, concurrency {s['concurrency']} "
-            f"(median of {s['runs']} loads after warm-up; ceiling: the in-process forward at batch 8 as the handler "
-            f"runs it, all cores, the better of before and after; TorchServe's JVM options: {s.get('vmargs') or 'the JVM defaults'})"
+            f"(median of {s['runs']} loads; ceiling: the in-process forward at batch 8 as the handler "
+            f"runs it, all cores, the better of before and after; TorchServe's JVM options: {s.get('vmargs') or 'the JVM defaults'}). "
+            "fresh: npz bodies 400 requests after the server started, its JIT still compiling; the other rows after "
+            "the JIT's warm-up (an identity model served beside it, the same npz body, until the JIT compilers used "
+            "< 0.1 ms of CPU a request)"
         )
         print(
             f"  {'model':<10} {'format':<12} {'batch 8 ms':>10} {'ceiling/s':>10} {'body':<5} {'req/s':>8} {'p50 ms':>8} "
-            f"{'p99 ms':>8} {'of ceiling':>10} {'of npz':>7}"
+            f"{'p99 ms':>8} {'of ceiling':>10} {'of npz':>7}   JIT warm-up"
         )
         for label, model in s["models"].items():
             for fmt, row in model["formats"].items():
-                for kind in ("npz", "json", "jpeg"):
+                for kind in ("fresh", "npz", "json", "jpeg"):
                     if kind in row:
                         r = row[kind]
                         print(
                             f"  {label:<10} {fmt:<12} {row['latency_ms']:10.2f} {row['ceiling_rows_per_s']:10.0f} {kind:<5} "
                             f"{r['rps']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {100 * r['of_ceiling']:9.1f}% "
-                            f"{100 * r['of_npz']:6.1f}%"
+                            f"{100 * r['of_npz']:6.1f}%" + (_jit_note(row["jit_warm_up"]) if kind == "fresh" else "")
                         )
         for label, model in s["models"].items():
             f = model["fastest"]
             auto = f"; format auto chose {model['auto']}" if model["auto"] else ""
             print(
                 f"  {label}: fastest in process {f['format']}, served with npz at {100 * f['npz_of_ceiling']:.1f}% of its ceiling "
-                f"(target >= 85%){auto}"
+                f"(target >= 85%; fresh {100 * f['fresh_of_ceiling']:.1f}%){auto}"
             )
             for fmt, row in model["formats"].items():
                 targets = [("json", "JSON", 40)] + ([("jpeg", "JPEG", 80)] if "jpeg" in row else [])
                 notes = ", ".join(f"{name} at {100 * row[k]['of_npz']:.1f}% of npz (target >= {t}%)" for k, name, t in targets)
                 print(f"    {fmt}: {notes}")
+
+
+def _jit_note(w: dict) -> str:
+    quiet = f"{w['jit_ms_per_request']:.2f} ms a request" if w["jit_ms_per_request"] is not None else "not read"
+    return f"   then {w['requests']} requests in {w['seconds']:.1f} s (JIT at {quiet})"
 
 
 def main() -> int:
