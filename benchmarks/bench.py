@@ -333,23 +333,32 @@ def _measured(srv: Any, path: str, body: bytes, headers: dict, count: int, concu
     return dict(sorted(loads, key=lambda r: r["rps"])[len(loads) // 2], rps_runs=[r["rps"] for r in loads])
 
 
-def _jit_cpu_s(srv: Any) -> float | None:
-    """CPU seconds TorchServe's JIT compiler threads have used so far, read from /proc (None without /proc)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for proc in Path("/proc").glob("[0-9]*"):
+def _java_tasks(srv: Any) -> Path | None:
+    """/proc/<pid>/task of TorchServe's JVM (the java process of the server's own process group); None where /proc
+    cannot tell."""
+    from pipeline import server as ts
+
+    for pid in ts._group(srv.proc.pid) or ():
         try:
-            stat = (proc / "stat").read_text()
-            if stat[stat.index("(") + 1 : stat.rindex(")")] != "java" or int(stat.rpartition(")")[2].split()[2]) != srv.proc.pid:
-                continue  # TorchServe's java runs in the server's own process group
-            used = 0
-            for task in (proc / "task").iterdir():
-                if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
-                    fields = (task / "stat").read_text().rpartition(")")[2].split()
-                    used += int(fields[11]) + int(fields[12])
-            return used / tick
-        except (OSError, ValueError):
+            if (Path("/proc") / str(pid) / "comm").read_text().strip() == "java":
+                return Path("/proc") / str(pid) / "task"
+        except OSError:
             continue
     return None
+
+
+def _jit_cpu_s(tasks: Path) -> float:
+    """CPU seconds (user and system) the JVM's JIT compiler threads have used so far; listed at each call, since the
+    JVM adds and retires compiler threads as it goes."""
+    ticks = 0
+    for task in tasks.iterdir():
+        try:
+            if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+                ticks += int(fields[11]) + int(fields[12])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _warm_jit(
@@ -360,17 +369,18 @@ def _warm_jit(
     where /proc cannot tell). A fresh JVM's C2 compiler took 3-4 ms of CPU per 600 KB request for some 9,000
     requests of the 224x224 CNN at 50 req/s: on 2 cores, taken from the worker. The frontend runs the same code
     whichever model a request names, so a cheap model gets the JVM to its steady state in seconds."""
+    tasks = _java_tasks(srv)
     start, sent, per_request = time.perf_counter(), 0, None
+    used = _jit_cpu_s(tasks) if tasks is not None else 0.0
     while sent < most and time.perf_counter() - start < seconds:
-        before = _jit_cpu_s(srv)
         _load(srv.host, srv.ports["inference"], path, body, headers, 400, concurrency)
         sent += 400
-        after = _jit_cpu_s(srv)
-        if before is None or after is None:
+        if tasks is None:
             if sent >= 4000:
                 break
             continue
-        per_request = (after - before) * 1000 / 400
+        now = _jit_cpu_s(tasks)
+        per_request, used = (now - used) * 1000 / 400, now
         if per_request < quiet_ms:
             break
     return {"requests": sent, "seconds": time.perf_counter() - start, "jit_ms_per_request": per_request}
