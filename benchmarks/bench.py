@@ -167,7 +167,7 @@ def bench_cold_start(out: Path, runs: int) -> dict:
     20 KB archive (the floor: JVM, worker start, import torch). They are timed in turns, each after a `sync`
     and a read of its files, so that drift on this shared machine, earlier writes and the page cache (this
     VM reclaims idle cache) touch each alike."""
-    from pipeline import server as ts
+    from pipeline.torchserve import server as ts
 
     folder = out / "pack"
     ours, theirs = folder / "store" / "stack.mar", folder / "stack_tma_default.mar"
@@ -311,7 +311,7 @@ class _Ceiling:
 
     def measure(self) -> float:
         """About a second of forward passes (at least 5): the median's rate."""
-        from pipeline.bench import measure
+        from pipeline.build.bench import measure
 
         first = measure(self.runner, self.batch, 3, warmup=1)["median_ms"]
         return 8 * 1000 / measure(self.runner, self.batch, max(5, min(1000, int(1000 / max(first, 1e-3)))), warmup=3)["median_ms"]
@@ -336,7 +336,7 @@ def _measured(srv: Any, path: str, body: bytes, headers: dict, count: int, concu
 def _java_tasks(srv: Any) -> Path | None:
     """/proc/<pid>/task of TorchServe's JVM (the java process of the server's own process group); None where /proc
     cannot tell."""
-    from pipeline import server as ts
+    from pipeline.torchserve import server as ts
 
     for pid in ts._group(srv.proc.pid) or ():
         try:
@@ -406,7 +406,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
     p50, p99, and the share of its own ceiling. Each server is measured twice with npz: fresh (`fresh`: 400
     requests after the model is READY, the JIT still compiling), then at its steady state, after _warm_jit on
     an identity model served beside it; the other bodies at the steady state."""
-    from pipeline import server as ts
+    from pipeline.torchserve import server as ts
 
     results: dict = {"concurrency": concurrency, "runs": runs, "vmargs": ts.jvm_args(vmargs), "models": {}}
     for label, spec, shape, formats, scale, warm_spec in _bench_specs(out):

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline.build.release import shard
 from pipeline.errors import EXIT_CODES, PipelineError
-from pipeline.release import shard
-from pipeline.spec import AUTO, FORMATS
+from pipeline.spec.spec import AUTO, FORMATS
 
 
 def _formats(value: str) -> list[str]:
@@ -162,19 +162,19 @@ def run() -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from pipeline.release import run as build_all
+    from pipeline.build.release import run as build_all
 
     return build_all(args)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    from pipeline.reports import write_json
+    from pipeline.build.reports import write_json
 
     write_json(path, doc)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from pipeline.stores import open_store
+    from pipeline.store.stores import open_store
 
     with open_store(args.store) as store:
         store.check(write=False)  # a local folder that does not exist is an error, not a new empty store
@@ -184,7 +184,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.describe import describe, render
+    from pipeline.sources.describe import describe, render
 
     info = describe(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else render(info))
@@ -192,8 +192,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.archive import verify
-    from pipeline.stores import local_copy
+    from pipeline.store.layout import verify
+    from pipeline.store.stores import local_copy
 
     bad = 0
     for target in args.archives:
@@ -205,8 +205,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    from pipeline.smoke import smoke
-    from pipeline.stores import open_store
+    from pipeline.store.stores import open_store
+    from pipeline.torchserve.smoke import smoke
 
     with open_store(args.store) as store:
         store.check(write=False)
@@ -214,8 +214,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench
-    from pipeline.spec import load_spec
+    from pipeline.build.bench import bench
+    from pipeline.spec.spec import load_spec
     from pipeline.stages.parity import resolve_device
 
     spec = load_spec(args.spec)
@@ -226,15 +226,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.server import serve_forever
+    from pipeline.torchserve.server import serve_forever
 
     return serve_forever(args)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pipeline.deploy import Options, deploy
-    from pipeline.placement import FolderTarget, UrlTarget
-    from pipeline.server import Client
+    from pipeline.torchserve.deploy import Options, deploy
+    from pipeline.torchserve.placement import FolderTarget, UrlTarget
+    from pipeline.torchserve.server import Client
 
     client = Client.from_key_file(args.management, args.inference, args.token_file)
     target = FolderTarget(args.model_store) if args.model_store else UrlTarget(args.url_base)
@@ -242,7 +242,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_kserve(args: argparse.Namespace) -> int:
-    from pipeline.kserve import kserve
+    from pipeline.torchserve.kserve import kserve
 
     return kserve(args.store, args.out, args.storage_uri, args.protocol, args.vmargs)
 

@@ -29,7 +29,7 @@ def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 def serving(store: Path, timeout: float = 300, **kwargs: Any):
     """A test TorchServe on free loopback ports, every model READY; stopped by pid afterwards. For fixtures:
     `yield from serving(store, auth=True)`."""
-    from pipeline import server as ts
+    from pipeline.torchserve import server as ts
 
     with ts.running(store, **kwargs) as srv:
         status = ts.wait_ready(srv, timeout)

@@ -15,10 +15,10 @@ import yaml
 from conftest import ROOT, Project
 
 from handlers.marpipe_serving import requirements
-from pipeline import arch, imports, inputs
 from pipeline.errors import SpecError
-from pipeline.spec import load_spec
-from pipeline.stages import load
+from pipeline.sources import arch, imports
+from pipeline.spec.spec import load_spec
+from pipeline.stages import inputs, load
 
 FACTORIES = ROOT / "tests" / "models" / "factories.py"
 

@@ -19,9 +19,11 @@ import pytest
 import torch
 from conftest import ROOT, Project, marpipe, store_state
 
-from pipeline import archive, crc
-from pipeline.archive import clean_leftovers, verify
 from pipeline.errors import PackageError
+from pipeline.sources import crc
+from pipeline.store import archive, layout
+from pipeline.store.archive import clean_leftovers
+from pipeline.store.layout import verify
 
 
 def _entries(archive: Path) -> dict[str, bytes]:
@@ -257,7 +259,7 @@ def test_concurrent_builds_never_mix_files(project: Project) -> None:
         assert all(torch.equal(weights[k], expected[k]) for k in expected)  # weights and metadata from one build
     assert not [p for p in project.store.iterdir() if p.name.endswith(".tmp")]
     index = json.loads((project.store / "index.json").read_text())["archives"]  # parallel builders lost no entry
-    assert {e["file"]: e["sha256"] for e in index} == {p.name: archive.digest(p)[1] for p in project.store.glob("*.mar")}
+    assert {e["file"]: e["sha256"] for e in index} == {p.name: layout.digest(p)[1] for p in project.store.glob("*.mar")}
     assert sorted(p.name for p in project.store.iterdir()) == sorted(["index.json", "same.mar"] + [f"m{i}.mar" for i in range(6)])
 
 
@@ -290,7 +292,7 @@ def test_plain_checkpoint_is_archived_as_it_is_and_a_prefixed_one_normalised(pro
 def test_known_digest_copy_falls_back_without_copy_file_range(tmp_path: Path, monkeypatch) -> None:
     import zlib
 
-    from pipeline import archive
+    from pipeline.store import archive
 
     data = os.urandom(3 * archive.CHUNK + 5)
     src = tmp_path / "w.bin"
@@ -400,7 +402,7 @@ def test_scan_gives_the_whole_files_sha256_and_crc_in_one_pass(project: Project)
 
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import _segments, scan
+    from pipeline.sources.checkpoint import _segments, scan
 
     state = {f"layer{i}.weight": torch.randn(64, 64) for i in range(5)}
     paths = [(project.save(state, "zip.pth"), "torch-zip"), (project.root / "w.safetensors", "safetensors")]

@@ -8,7 +8,8 @@ import zipfile
 
 from conftest import Project, store_state
 
-from pipeline.auto import TIE, Candidate, choose
+from pipeline.build.auto import TIE, choose
+from pipeline.build.trial import Candidate
 
 
 def _meta(path) -> dict:

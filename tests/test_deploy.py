@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import Project, marpipe
 
-from pipeline import server as ts
+from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
 ROWS = np.asarray([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]], dtype=np.float32)

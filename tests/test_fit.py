@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import fit
+from pipeline.torchserve import fit
 
 
 def _arrays(rows: int, width: int = 100) -> dict[str, np.ndarray]:
@@ -36,7 +36,7 @@ def test_a_row_too_large_for_one_request() -> None:
 
 
 class Stub:
-    """What fit.replay uses of pipeline.server.Server: request()."""
+    """What fit.replay uses of pipeline.torchserve.server.Server: request()."""
 
     def __init__(self, workdir: Path, answer) -> None:
         self.workdir, self.answer, self.bodies = workdir, answer, []

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import Project, marpipe
 
-from pipeline import server as ts
-from pipeline.smoke import check_archive
+from pipeline.torchserve import server as ts
+from pipeline.torchserve.smoke import check_archive
 
 pytestmark = pytest.mark.slow
 
@@ -186,8 +186,8 @@ def test_every_archive_answers_v2_in_the_kserve_layout(served) -> None:
     itself, every input of the two-input model used."""
     import numpy as np
 
-    from pipeline.archive_dir import read_entry
-    from pipeline.smoke import _npz_bytes, judge
+    from pipeline.store.layout import read_entry
+    from pipeline.torchserve.smoke import _npz_bytes, judge
 
     srv, store = served
     datatypes = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Project, marpipe
 
-from pipeline import archive, archive_dir
-from pipeline.archive import verify
+from pipeline.store import archive_dir, layout
+from pipeline.store.layout import verify
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -31,8 +31,8 @@ def built(tmp_path_factory) -> Project:
     project = Project(tmp_path_factory.mktemp("layout"))
     project.save(project.model("Linear").state_dict(), "tiny.pth")
     spec = project.spec(serve={"batch_size": 4})
-    for layout in ("mar", "dir"):
-        result = marpipe("build", "--store", str(project.root / layout), "--layout", layout, str(spec))
+    for kind in ("mar", "dir"):
+        result = marpipe("build", "--store", str(project.root / kind), "--layout", kind, str(spec))
         assert result.returncode == 0, result.stdout + result.stderr
     return project
 
@@ -90,7 +90,7 @@ def test_verify_finds_every_fault_and_ignores_the_bytecode_cache(built: Project,
     assert result.returncode == 6 and result.stdout.count("FAIL") == len(cases), result.stdout
     cached = variant(lambda p: ((p / "__pycache__").mkdir(), (p / "__pycache__" / "tiny.cpython-311.pyc").write_bytes(b"x")))
     assert verify(cached) == []
-    assert archive_dir.tree_digest(cached) == archive_dir.tree_digest(good) == archive.digest(cached)  # one rule
+    assert archive_dir.tree_digest(cached) == archive_dir.tree_digest(good) == layout.digest(cached)  # one rule
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "fallback"])

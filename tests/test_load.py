@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import CheckpointError
-from pipeline.spec import load_spec
+from pipeline.spec.spec import load_spec
 from pipeline.stages import load
 
 

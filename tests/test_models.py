@@ -25,7 +25,7 @@ import yaml
 from conftest import ROOT, Project, marpipe, start_serve
 from hf_models import bert_inputs, make_example, tiny_bert, to_bin_shards
 
-from pipeline import server as ts
+from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
 BERT_INPUTS = [

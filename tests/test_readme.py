@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT, Project, marpipe
 
 from pipeline.errors import EXIT_CODES
-from pipeline.spec import load_spec
+from pipeline.spec.spec import load_spec
 
 README = (ROOT / "README.md").read_text()
 

@@ -22,9 +22,11 @@ import pytest
 import yaml
 from conftest import ROOT, Project, marpipe, store_state
 
-from pipeline import archive, cache, index, release
+from pipeline import digests
+from pipeline.build import cache, release
 from pipeline.cli import parser
-from pipeline.spec import FORMATS, load_spec
+from pipeline.spec.spec import FORMATS, load_spec
+from pipeline.store import archive, index, layout
 
 
 def _meta(mar: Path) -> dict:
@@ -210,7 +212,7 @@ def test_cache_unchanged_without_torch_then_rebuilt_on_any_change_or_force(linea
     result = linear_project.build(spec, "--format", "eager,torchscript", "--report", str(report))
     assert result.returncode == 0, result.stderr
     assert [b["status"] for b in json.loads(report.read_text())["builds"]] == ["ok", "ok"]
-    assert archive.verify(linear_project.store / "tiny_eager.mar") == []
+    assert layout.verify(linear_project.store / "tiny_eager.mar") == []
     result = linear_project.build(spec, "--format", "eager", "--force", "--report", str(report))
     assert [b["status"] for b in json.loads(report.read_text())["builds"]] == ["ok"]
 
@@ -236,7 +238,7 @@ def test_build_key_covers_content_not_location(linear_project: Project, tmp_path
     assert cache.build_key(spec.with_format("onnx", suffix=False), opts) != key
     assert cache.build_key(spec, {"device": "cpu", "layout": None}) != key
     expected = {"python", "torch", "onnx", "onnxscript", "onnxruntime", "numpy", "transformers", "tokenizers", "pillow"}
-    assert set(cache.versions()) == expected
+    assert set(digests.versions()) == expected
 
 
 def test_index_regenerates_and_counts_directory_archives(linear_project: Project) -> None:
@@ -262,7 +264,7 @@ def test_index_regenerates_and_counts_directory_archives(linear_project: Project
     lines = sorted(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}\n" for p in files)
     lines.sort(key=lambda ln: ln.split("  ", 1)[1])
     want = (sum(p.stat().st_size for p in files), hashlib.sha256("".join(lines).encode()).hexdigest())
-    assert archive.digest(folder) == want == (doc["archives"][0]["size"], doc["archives"][0]["sha256"])
+    assert layout.digest(folder) == want == (doc["archives"][0]["size"], doc["archives"][0]["sha256"])
     assert sorted(p.name for p in store.iterdir()) == ["index.json", "tiny_dir", "tiny_eager.mar", "tiny_torchscript.mar"]
 
 

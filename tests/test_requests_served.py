@@ -15,7 +15,7 @@ import torch
 from conftest import Project, marpipe, serving
 from request_models import close_labels, eager_image, eager_text, picture, preprocess, request_specs, top_labels
 
-from pipeline import server as ts
+from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
 

@@ -171,7 +171,7 @@ def test_publish_then_unchanged_verify_and_index(linear_project: Project, s3: di
     assert regenerated.returncode == 0 and "2 archives" in regenerated.stdout, regenerated.stderr
     assert json.loads(_fs().cat_file(f"{BUCKET}/v1/index.json"))["archives"] == doc["archives"]
 
-    from pipeline.stores import open_store
+    from pipeline.store.stores import open_store
 
     with open_store(url) as store:  # what `marpipe smoke --store s3://...` serves: the archives, downloaded
         store.check(write=False)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from conftest import ROOT, Project, marpipe, serving, start_serve
 
-from pipeline import inputs as gen
-from pipeline import server as ts
-from pipeline.spec import load_spec
+from pipeline.spec.spec import load_spec
+from pipeline.stages import inputs as gen
 from pipeline.stages import load
+from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
 EXAMPLES = ROOT / "examples"

@@ -15,9 +15,9 @@ from conftest import Project, marpipe
 from hf_models import bert_inputs, save, tiny_bert, tiny_masked_lm, to_bin_shards
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import read_checkpoint
 from pipeline.errors import CheckpointError, SpecError
-from pipeline.spec import load_spec
+from pipeline.sources.checkpoint import read_checkpoint
+from pipeline.spec.spec import load_spec
 from pipeline.stages import load
 
 INPUTS = [

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.errors import SpecError
-from pipeline.spec import load_spec
+from pipeline.spec.spec import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

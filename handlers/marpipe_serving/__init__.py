@@ -6,6 +6,8 @@ architecture needs (recorded as its requirements, e.g. transformers). TorchServe
 ``sys.path``, so this package imports from there. The modules follow the request's path:
 
 * ``codecs``  — a request body (JSON, npz) into named arrays, and answers back out;
+* ``bodies``  — a body or multipart part read as JSON or npz (shared by ``codecs`` and ``contract``);
+* ``contract`` — what the archive's inputs are: checks, casts, images, text, multipart parts;
 * ``npz``     — .npz bodies read and written without zipfile;
 * ``models``  — loading the archive's artifact and running it (eager, TorchScript, ONNX), thread choice;
 * ``architectures`` — building the eager model from marpipe.json (file, factory, transformers), tied weights;

@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 
 from . import images, labels, v2
+from .bodies import NPZ, is_npz, parse_json_or_npz
 from .contract import Contract
 from .errors import BadRequest
-from .npz import read_npz, write_npz
+from .npz import write_npz
 
-NPZ = "application/x-npz"
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
-_loads = None
 
 
 @dataclass
@@ -101,34 +100,12 @@ def _decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> 
     elif isinstance(body, str) and ctype.startswith("text/plain"):  # TorchServe decoded it already
         return Request(contract.from_texts(body), npz, raw)
     payload = parse_json_or_npz(body, ctype, "body")
-    if _is_npz(body, ctype):
+    if is_npz(body, ctype):
         return Request(contract.check(payload), npz, raw)
     if v2.is_v2(payload):
         tensors, reply = v2.decode(payload, contract.meta)
         return Request(contract.check(tensors), False, True, reply)
     return Request(contract.from_json(payload, numeric_only(body, payload)), npz, raw)
-
-
-def parse_json_or_npz(body: Any, ctype: str, what: str) -> Any:
-    """A body (or part) as the named arrays of an npz, or a decoded JSON value."""
-    if isinstance(body, (bytes, bytearray)):
-        if _is_npz(body, ctype):
-            try:
-                return read_npz(bytes(body))
-            except BadRequest:
-                raise
-            except Exception as exc:
-                raise BadRequest(f"{what} is not a readable .npz ({type(exc).__name__}: {exc})") from None
-        try:
-            return loads(body)  # orjson and json read a bytearray as it is: no copy of a megabyte body
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise BadRequest(f"{what} is not valid JSON ({str(exc)[:200]})") from None
-    if isinstance(body, str):
-        try:
-            return loads(body.encode("utf-8"))
-        except ValueError as exc:
-            raise BadRequest(f"{what} is not valid JSON ({str(exc)[:200]})") from None
-    return body  # TorchServe decoded the JSON already
 
 
 def numeric_only(body: Any, payload: Any) -> bool:
@@ -144,28 +121,6 @@ def numeric_only(body: Any, payload: Any) -> bool:
         if at < 0:
             return True
     return False
-
-
-def loads(data: bytes | bytearray) -> Any:
-    """JSON with orjson when the inference image has it (several times faster on big nested lists), else json."""
-    global _loads
-    if _loads is None:
-        try:
-            import orjson
-
-            _loads = orjson.loads
-        except ImportError:
-            _loads = json.loads
-    try:
-        return _loads(data)
-    except ValueError:
-        if _loads is json.loads:
-            raise
-        return json.loads(data)  # what orjson refuses but the standard library reads (NaN, Infinity) stays accepted
-
-
-def _is_npz(body: Any, ctype: str) -> bool:
-    return isinstance(body, (bytes, bytearray)) and (NPZ in ctype or body[:4] == b"PK\x03\x04")
 
 
 def _raw(accept: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import images
+from .bodies import parse_json_or_npz
 from .errors import BadRequest
 from .models import np_dtype
 
@@ -84,8 +85,6 @@ class Contract:
 
     def from_parts(self, parts: dict[str, Any], types: dict[str, str]) -> dict[str, np.ndarray]:
         """multipart/form-data: one part per input, named after it (an image input's part holds the image file)."""
-        from .codecs import parse_json_or_npz
-
         values: dict[str, Any] = {}
         for name, data in parts.items():
             if name in self.images:

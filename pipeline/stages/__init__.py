@@ -1,1 +1,7 @@
-"""The build stages, in order: load → export → parity → package. One module each."""
+"""The build stages, in order: load → export → parity → package, one module each, with what they alone use:
+the generated test inputs (`inputs`) and the parity samples stored in archives (`samples`).
+
+May import `pipeline.sources`, `pipeline.spec`, `pipeline.store` (package writes through it), the handler package
+(parity runs artifacts as the server does) and the ground modules (`errors`, `digests`); never `build` or
+`torchserve`.
+"""

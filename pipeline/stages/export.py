@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from handlers.marpipe_serving.models import call
-from pipeline import inputs, repro
-from pipeline.arch import forward_order
 from pipeline.errors import ExportError, SpecError
-from pipeline.spec import BATCH, Spec
+from pipeline.sources.arch import forward_order
+from pipeline.spec.spec import BATCH, Spec
+from pipeline.stages import inputs
 from pipeline.stages.load import Loaded
+from pipeline.store import repro
 
 TWO_GB = 2 * 1024**3
 ARTIFACTS = {"eager": "weights.pt", "torchscript": "model.pt", "onnx": "model.onnx"}

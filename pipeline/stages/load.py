@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.marpipe_serving.architectures import has_non_persistent_buffers, load_weights, tied_keys
-from pipeline.arch import ModelSource, construct, keyword_inputs, model_class
-from pipeline.checkpoint import RawCheckpoint, normalise_keys, read_checkpoint
 from pipeline.errors import CheckpointError
-from pipeline.spec import Spec
+from pipeline.sources.arch import construct, keyword_inputs, model_class
+from pipeline.sources.checkpoint import RawCheckpoint, normalise_keys, read_checkpoint
+from pipeline.sources.source import ModelSource
+from pipeline.spec.spec import Spec
 
 
 @dataclass

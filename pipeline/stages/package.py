@@ -13,13 +13,15 @@ from typing import Any
 
 import pipeline
 from handlers.marpipe_serving.architectures import ATTN_IMPLEMENTATION
-from pipeline import archive, samples
+from pipeline.digests import versions as installed
 from pipeline.errors import SpecError
-from pipeline.spec import Spec, TensorSpec
-from pipeline.spec_requests import hook_functions
+from pipeline.spec.requests import hook_functions
+from pipeline.spec.spec import Spec, TensorSpec
+from pipeline.stages import samples
 from pipeline.stages.export import ARTIFACTS, Exported
 from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
+from pipeline.store import archive
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
 TOKENIZER = "tokenizer.json"
@@ -42,8 +44,6 @@ def versions() -> dict[str, str]:
     """What built the archive: marpipe, python, torch (as imported), and onnx, onnxruntime and numpy (from the
     installed metadata: importing onnx and onnxruntime would cost 0.1 s)."""
     import torch
-
-    from pipeline.cache import versions as installed
 
     found = {k: v for k, v in installed().items() if k in ("onnx", "onnxruntime", "numpy") and v is not None}
     return {"marpipe": pipeline.__version__, "torch": torch.__version__, "python": platform.python_version(), **found}
@@ -208,7 +208,7 @@ def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported, layout: s
         raise SpecError(f"unknown archive layout {layout!r}; use {' or '.join(LAYOUTS)}")
     path = target(spec, store, layout)
     if layout == "dir":
-        from pipeline import archive_dir
+        from pipeline.store import archive_dir
 
         return archive.begin(path, ahead, archive_dir.DirDraft)
     return archive.begin(path, ahead)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import inputs, samples
 from pipeline.errors import ParityError, SpecError, first_line
-from pipeline.spec import Spec
+from pipeline.spec.spec import Spec
+from pipeline.stages import inputs, samples
 from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
 

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline.digests import CHUNK
 from pipeline.errors import PackageError
 
 MANIFEST = "MAR-INF/MANIFEST.json"
 METADATA = "marpipe.json"
-CHUNK = 8 << 20
 EPOCH_1980 = 315532800  # the earliest time a zip entry can carry
 
 
@@ -388,19 +388,8 @@ def _release(path: Path, fd: int) -> None:
     os.close(fd)  # unlocks
 
 
-def digest(path: Path) -> tuple[int, str]:
-    """(size, sha256) of an archive: a `.mar` file's bytes; for a directory archive, the total bytes of its
-    files and the sha256 over the lines "<file sha256>  <relative path>\\n" sorted by path (sha256sum's format),
-    the bytecode cache a served folder may gain left out (`archive_dir.tree_digest`: one rule for the index,
-    the cache and deploy)."""
-    if path.is_dir():
-        from pipeline.archive_dir import tree_digest
-
-        return tree_digest(path)
-    return _file_digest(path)
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
+def mar_digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a `.mar` file's bytes (`layout.digest` takes either layout)."""
     h, size = hashlib.sha256(), 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
@@ -460,14 +449,9 @@ def _ends_with_directory(path: Path) -> bool:
     return False
 
 
-def verify(path: Path) -> list[str]:
-    """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash.
-
-    A directory archive (`marpipe build --layout dir`) gets the same content checks (`archive_dir.verify`)."""
-    if path.is_dir():
-        from pipeline import archive_dir
-
-        return archive_dir.verify(path)
+def verify_mar(path: Path) -> list[str]:
+    """Every fault of one `.mar`: zip integrity, entry names, manifest, metadata and each entry's hash
+    (`layout.verify` takes either layout)."""
     faults: list[str] = []
     if not path.is_file():
         return ["no such file"]

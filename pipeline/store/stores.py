@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import archive, index
 from pipeline.errors import PackageError, first_line
+from pipeline.store import index, layout
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CHUNK = 8 << 20
@@ -118,7 +118,7 @@ class LocalStore(Store):
             meta = index.metadata(path)
         except PackageError:
             return None
-        if meta.get("build_key") != key or archive.verify(path):  # either layout: every entry and sha256
+        if meta.get("build_key") != key or layout.verify(path):  # either layout: every entry and sha256
             return None
         return self.publish(path, meta)  # the index names it even if it did not before
 
@@ -234,7 +234,7 @@ class RemoteStore(Store):
             return entry if self._size(self._key(entry["file"])) == entry.get("size") else None
 
     def _remote_digest(self, key: str) -> tuple[int, str]:
-        """(size, sha256) of an uploaded archive as stored, read back: `archive.digest`'s rule."""
+        """(size, sha256) of an uploaded archive as stored, read back: `layout.digest`'s rule."""
         if self.fs.isdir(key):
             size, lines = 0, []
             for f in sorted(self.fs.find(key)):

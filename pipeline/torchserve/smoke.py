@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import fit
-from pipeline import server as ts
-from pipeline.archive_dir import list_archives, read_entry
 from pipeline.errors import PackageError, SpecError
-from pipeline.samples import INDEX
 from pipeline.stages.parity import compare
+from pipeline.stages.samples import INDEX
+from pipeline.store.layout import list_archives, read_entry
+from pipeline.torchserve import fit
+from pipeline.torchserve import server as ts
 
 
 def check_archive(server: Any, name: str, path: Path, route: str | None = None, limit: int | None = None) -> list[dict]:

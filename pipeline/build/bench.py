@@ -13,28 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import inputs
-from pipeline.spec import FORMATS, Spec
-
-
-def measure(runner: Any, arrays: dict[str, Any], iterations: int, warmup: int = 3) -> dict[str, float]:
-    """Median and p90 latency in ms of `runner(arrays)`."""
-    for _ in range(warmup):
-        runner(arrays)
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        runner(arrays)
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))]}
+from pipeline.build.trial import measure, try_format
+from pipeline.stages import inputs
+from pipeline.spec.spec import FORMATS, Spec
 
 
 def bench_format(spec: Spec, loaded: Any, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:
-    """One format through the real stages (`auto.try_format`: export, parity) into a scratch folder, then its
+    """One format through the real stages (`trial.try_format`: export, parity) into a scratch folder, then its
     artifact timed as the handler runs it; a failed parity is reported and the artifact still timed."""
     from handlers.marpipe_serving.models import load_runner
-    from pipeline.auto import try_format
 
     workdir = Path(tempfile.mkdtemp(prefix="marpipe-bench-"))
     row: dict[str, Any] = {"format": fmt}

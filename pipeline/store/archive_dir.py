@@ -22,12 +22,11 @@ import os
 import re
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 
-from pipeline import archive
-from pipeline.archive import MANIFEST, METADATA, Known
 from pipeline.errors import PackageError
+from pipeline.store import archive
+from pipeline.store.archive import MANIFEST, METADATA, Known
 
 PYCACHE = "__pycache__"  # written by the worker when it imports the archive's modules from the folder
 
@@ -253,27 +252,3 @@ def tree_digest(folder: Path) -> tuple[int, str]:
         size += (folder / name).stat().st_size
         lines.append(f"{sha}  {name}\n")
     return size, hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def is_archive(path: Path) -> bool:
-    """A `.mar` file, or a folder holding `MAR-INF/MANIFEST.json` (hidden names are temporary ones)."""
-    if path.name.startswith("."):
-        return False
-    if path.is_dir():
-        return (path / MANIFEST).is_file()
-    return path.suffix == ".mar" and path.is_file()
-
-
-def list_archives(store: Path) -> list[Path]:
-    """Every archive in a store, of both layouts, sorted by name."""
-    if not store.is_dir():
-        return []
-    return sorted(p for p in store.iterdir() if is_archive(p))
-
-
-def read_entry(path: Path, name: str) -> bytes:
-    """One entry of an archive of either layout."""
-    if path.is_dir():
-        return (path / name).read_bytes()
-    with zipfile.ZipFile(path) as z:
-        return z.read(name)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import archive, archive_dir
-from pipeline.deploy import version_key
 from pipeline.errors import PackageError, SpecError
-from pipeline.server import jvm_args
+from pipeline.store import archive, archive_dir, layout
+from pipeline.torchserve.deploy import version_key
+from pipeline.torchserve.server import jvm_args
 
 TORCHSERVE_VERSION = "0.12.0"  # the runtimeVersion: the image pytorch/torchserve-kfs:0.12.0
 MOUNT = "/mnt/models"
@@ -41,11 +41,11 @@ def model_entry(path: Path) -> tuple[str, str, dict]:
     """(model name, version, snapshot settings) of one archive, from its manifest and model-config.yaml
     (what TorchServe itself would apply), marpipe.json's `serve` filling what the config leaves out."""
     try:
-        manifest = json.loads(archive_dir.read_entry(path, archive.MANIFEST))["model"]
+        manifest = json.loads(layout.read_entry(path, archive.MANIFEST))["model"]
         config_name = manifest.get("configFile")
-        config = yaml.safe_load(archive_dir.read_entry(path, config_name)) if config_name else {}
+        config = yaml.safe_load(layout.read_entry(path, config_name)) if config_name else {}
         try:
-            serve = json.loads(archive_dir.read_entry(path, archive.METADATA)).get("serve", {})
+            serve = json.loads(layout.read_entry(path, archive.METADATA)).get("serve", {})
         except (KeyError, FileNotFoundError):  # not built by marpipe: model-config.yaml alone
             serve = {}
     except (OSError, KeyError, ValueError, yaml.YAMLError) as exc:
@@ -131,7 +131,7 @@ def write(store: Path, out: Path, storage_uri: str | None, protocol: str, vmargs
     """Lay out OUT from every archive in `store`; returns the snapshot written."""
     if protocol not in PROTOCOLS:
         raise SpecError(f"--protocol {protocol}: use {' or '.join(PROTOCOLS)}")
-    archives = archive_dir.list_archives(store)
+    archives = layout.list_archives(store)
     if not archives:
         raise PackageError(f"no archives in {store}; run marpipe build first")
     entries = [(path, *model_entry(path)) for path in archives]

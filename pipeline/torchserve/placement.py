@@ -11,8 +11,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import archive, archive_dir
 from pipeline.errors import PackageError, SpecError
+from pipeline.store import archive, archive_dir, layout
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -50,15 +50,15 @@ class Placement:
 def read_archive(path: Path) -> Archive:
     """Verify an archive (.mar or folder) and read what deploying it needs; PackageError (6) if it is not sound."""
     path = Path(path)
-    faults = archive.verify(path)
+    faults = layout.verify(path)
     if faults:
         raise PackageError(f"{path}: {faults[0]}; run marpipe verify {path}")
-    manifest = json.loads(archive_dir.read_entry(path, archive.MANIFEST))["model"]
+    manifest = json.loads(layout.read_entry(path, archive.MANIFEST))["model"]
     name, version = manifest["modelName"], str(manifest.get("modelVersion") or "1.0")
     if not VERSION_RE.match(version) or ".." in version:
         raise SpecError(f"{path}: version {version!r} cannot name a file in the model store; use letters, digits, '.', '_', '-'")
-    meta = json.loads(archive_dir.read_entry(path, archive.METADATA))
-    return Archive(path, name, version, archive.digest(path)[1], meta)
+    meta = json.loads(layout.read_entry(path, archive.METADATA))
+    return Archive(path, name, version, layout.digest(path)[1], meta)
 
 
 class FolderTarget:
@@ -111,7 +111,7 @@ class UrlTarget:
         if a.is_dir:
             raise SpecError(f"{a.path}: a directory archive cannot be downloaded by TorchServe; deploy it with --model-store")
         url = f"{self.base}/{a.file_name}"
-        from pipeline.server import http
+        from pipeline.torchserve.server import http
 
         try:
             code = http(url, method="HEAD", timeout=30)[0]

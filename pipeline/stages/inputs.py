@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.spec import BATCH, Spec
-from pipeline.spec_model import PADDING_MASK
+from pipeline.spec.model import PADDING_MASK
+from pipeline.spec.spec import BATCH, Spec
 
 SEED = 20240229
 

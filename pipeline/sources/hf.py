@@ -12,10 +12,10 @@ import difflib
 import logging
 
 from handlers.marpipe_serving import architectures
-from pipeline.arch import ModelSource
 from pipeline.errors import SpecError, first_line
-from pipeline.imports import ImportTracker
-from pipeline.spec import Spec
+from pipeline.sources.imports import ImportTracker
+from pipeline.sources.source import ModelSource
+from pipeline.spec.spec import Spec
 
 INSTALL = "pip install 'torchserve-pipeline[hf]' (transformers)"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline import archive
 from pipeline.errors import PackageError
+from pipeline.store import archive, layout
 
 INDEX = "index.json"
 FORMAT = 1
@@ -52,7 +52,7 @@ def metadata(path: Path) -> dict[str, Any]:
 def entry(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The index entry of one archive (its digest is computed here)."""
     meta = meta if meta is not None else metadata(path)
-    size, sha256 = archive.digest(path)
+    size, sha256 = layout.digest(path)
     outputs = (meta.get("parity") or {}).get("outputs") or {}
     return {
         "name": meta.get("name", path.stem),

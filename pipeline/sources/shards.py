@@ -3,7 +3,7 @@
 `checkpoint.path` may name a file, a folder, or an index file. A folder holds (first found wins)
 ``model.safetensors.index.json``, ``model.safetensors``, ``pytorch_model.bin.index.json`` or
 ``pytorch_model.bin``. An index maps every tensor name to the shard that holds it; every shard is read
-with the same safety as a single file (`pipeline.checkpoint`), and the shards must agree with the index
+with the same safety as a single file (`pipeline.sources.checkpoint`), and the shards must agree with the index
 exactly: a missing or extra shard, a key in two shards, a key the index names that its shard lacks, or a
 key the index does not name is refused (exit 3) naming it.
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec_reader import Reader
+from pipeline.spec.reader import Reader
 
 IMAGE_MODES = {"RGB": 3, "L": 1}
 ACTIVATIONS = ("softmax", "sigmoid", "none")

@@ -1,8 +1,8 @@
 """Reading checkpoints safely: format detection by content, sha256, weights-only loading, normalisation.
 
 Nothing here ever unpickles code: torch files go through ``torch.load(weights_only=True)`` (passed
-explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off; see `pipeline.pickles`), safetensors
-through its own parser. A folder or a sharded checkpoint (`pipeline.shards`) is read file by file with the
+explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off; see `pipeline.sources.pickles`), safetensors
+through its own parser. A folder or a sharded checkpoint (`pipeline.sources.shards`) is read file by file with the
 same care. Every failure is a `CheckpointError` with one line naming the file and the problem.
 """
 
@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import crc, shards
+from pipeline.digests import remember
 from pipeline.errors import CheckpointError
-from pipeline.pickles import Stub, is_legacy_torch, load_torch, pickled_model, raw_pickle_error
-from pipeline.spec import KeyRename
+from pipeline.sources import crc, shards
+from pipeline.sources.pickles import Stub, is_legacy_torch, load_torch, pickled_model, raw_pickle_error
+from pipeline.spec.spec import KeyRename
 
 ALWAYS_STRIP = ("module.", "_orig_mod.")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -230,9 +231,7 @@ def _scanned(path: Path, fmt: str) -> tuple[os.stat_result, str, int]:
     st = path.stat()
     pending = _prescans.pop((str(path.resolve()), st.st_size, st.st_mtime_ns), None)
     digest, crc = pending.result() if pending else scan(path, fmt)
-    from pipeline import cache  # the build key reuses this hash instead of reading the file again
-
-    cache.remember(path, st, digest)
+    remember(path, st, digest)  # the build key reuses this hash instead of reading the file again
     return st, digest, crc
 
 

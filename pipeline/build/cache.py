@@ -1,6 +1,6 @@
 """The build key: a sha256 over everything that decides an archive's bytes, computed without importing torch.
 
-Two builds with the same key give byte-identical archives (see `pipeline/repro.py` and the reproducibility
+Two builds with the same key give byte-identical archives (see `pipeline/store/repro.py` and the reproducibility
 tests), so an archive in the store whose recorded key equals the key of a build about to run is that build's
 result already: the build is skipped and reported `unchanged`.
 
@@ -19,29 +19,17 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.archive import CHUNK, fixed_time
-from pipeline.spec import Spec
+from pipeline.digests import file_sha256, tree_sha256, versions
+from pipeline.store.archive import fixed_time
+from pipeline.spec.spec import Spec
 
 KEY_VERSION = 1  # bump when what enters the key changes shape
 ROOT = Path(pipeline.__file__).resolve().parent
 HANDLERS = ROOT.parent / "handlers"
-PACKAGES = {
-    "torch": ("torch",),
-    "onnx": ("onnx",),
-    "onnxscript": ("onnxscript",),
-    "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
-    "numpy": ("numpy",),
-    # what archives of some specs record or depend on: Hugging Face graphs, request forms' libraries
-    "transformers": ("transformers",),
-    "tokenizers": ("tokenizers",),
-    "pillow": ("pillow",),
-}
-_file_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def options(args: Any) -> dict[str, Any]:
@@ -73,11 +61,6 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def remember(path: Path, st: Any, sha256: str) -> None:
-    """A file's sha256 computed elsewhere (the load stage hashes the checkpoint): `file_sha256` takes it as it is."""
-    _file_hashes[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = sha256
-
-
 def factory_source(ref: str) -> dict[str, str | None]:
     """What a factory's code is, without importing it: the version of the distribution that installs its top-level
     package, or else the content of the module file or package folder found on sys.path."""
@@ -94,19 +77,6 @@ def factory_source(ref: str) -> dict[str, str | None]:
     if found.submodule_search_locations:
         return {top: tree_sha256(origin.parent, "*.py")}
     return {top: file_sha256(origin)} if origin.is_file() else {top: None}
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name, dists in PACKAGES.items():
-        out[name] = None
-        for dist in dists:
-            try:
-                out[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
 
 
 def _canonical(value: Any) -> Any:
@@ -127,26 +97,3 @@ def _canonical(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return _canonical(dataclasses.asdict(value))
     return repr(value)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's content, remembered per (path, size, mtime) for the formats of one spec."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _file_hashes:
-        h = hashlib.sha256()
-        with open(path, "rb", buffering=0) as f:
-            buf = bytearray(CHUNK)
-            while n := f.readinto(buf):
-                h.update(memoryview(buf)[:n])
-        _file_hashes[key] = h.hexdigest()
-    return _file_hashes[key]
-
-
-def tree_sha256(folder: Path, pattern: str) -> str:
-    """sha256 over the relative names and content hashes of the files under `folder` matching `pattern`."""
-    lines = []
-    for p in sorted(folder.rglob(pattern)):
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
-            lines.append(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PackageError, ParityError, PipelineError
-from pipeline.placement import Archive, FolderTarget, Placement, UrlTarget, read_archive
-from pipeline.server import Client
+from pipeline.torchserve.placement import Archive, FolderTarget, Placement, UrlTarget, read_archive
+from pipeline.torchserve.server import Client
 
 
 @dataclass
@@ -190,7 +190,7 @@ class Deployer:
         """The archive's stored checks through the new version, exactly as `marpipe smoke` replays them (parity
         inputs as npz and JSON split to fit TorchServe's request size, the sample raw requests of an archive with
         image or text inputs or hooks); every answer within the archive's tolerances."""
-        from pipeline.smoke import check_archive
+        from pipeline.torchserve.smoke import check_archive
 
         route = f"/predictions/{_q(a.name)}/{_q(a.version)}"
         try:

@@ -1,7 +1,7 @@
 """The architecture the spec names, resolved once: a class in a file, a factory from a package, or a Hugging
 Face config. `model_class` imports it (errors name the spec field) into a `ModelSource`; `construct` builds it.
 
-The imports made meanwhile are watched (`pipeline.imports`): the third-party distributions the architecture
+The imports made meanwhile are watched (`pipeline.sources.imports`): the third-party distributions the architecture
 needs become the eager archive's requirements. The handler builds the same model from marpipe.json with the
 same functions (`handlers.marpipe_serving.architectures`).
 """
@@ -13,29 +13,16 @@ import hashlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from handlers.marpipe_serving import architectures
 from pipeline.errors import SpecError, first_line
-from pipeline.imports import ImportTracker
-from pipeline.spec import Spec
-
-
-@dataclass
-class ModelSource:
-    """What builds the spec's model: `make()` constructs it on the current default device."""
-
-    make: Callable[[], Any]
-    imports: ImportTracker
-    field: str  # the spec field to blame when construction fails
-    config: Any = None  # transformers: the config, overrides applied (it goes into the archive as config.json)
-
-    def requirements(self) -> list[dict[str, str]]:
-        return self.imports.requirements()
+from pipeline.sources.hf import transformers_source
+from pipeline.sources.imports import ImportTracker
+from pipeline.sources.source import ModelSource
+from pipeline.spec.spec import Spec
 
 
 def import_file(file: Path, module_name: str) -> ModuleType:
@@ -69,8 +56,6 @@ def model_class(spec: Spec) -> ModelSource:
     if source == "factory":
         return _factory(spec)
     if source == "transformers":
-        from pipeline.hf import transformers_source
-
         return transformers_source(spec)
     return _file(spec)
 

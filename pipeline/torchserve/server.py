@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.archive_dir import list_archives, read_entry
 from pipeline.errors import PackageError, SpecError
+from pipeline.store.layout import list_archives, read_entry
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SpecError
-from pipeline.spec import Spec
+from pipeline.spec.spec import Spec
 
 TEXTS = (
     "a",
@@ -111,7 +111,7 @@ def _picture(t: Any) -> np.ndarray:
 
 def _tensor_rows(spec: Spec, skip: tuple[str, ...]) -> dict[str, Any]:
     """One row of generated values for each input not in `skip`, as nested lists."""
-    from pipeline import inputs
+    from pipeline.stages import inputs
 
     dims = {"batch": 1, **{d: v[0] for d, v in spec.dims.items()}}
     made = inputs.make(spec, dims, inputs.SEED + 7)
@@ -143,7 +143,7 @@ def answer(outputs: dict[str, np.ndarray], contract: Any) -> Any:
 
 def write(samples: list[Sample], folder: Path) -> dict[str, Path]:
     """Archive entries: each body, its expected raw outputs (npz), and an index with content types and answers."""
-    from pipeline.archive import write_npz
+    from pipeline.store.archive import write_npz
 
     (folder / "parity_requests").mkdir(exist_ok=True)
     files, index = {}, []

@@ -1,7 +1,7 @@
 """The spec's model-facing parts: where the architecture comes from, and what parity feeds each input.
 
 Parsed without importing anything from the model: a file's classes are found with `ast`, a transformers
-folder's class from its config.json; imports happen later, in `pipeline.arch`.
+folder's class from its config.json; imports happen later, in `pipeline.sources.arch`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec_reader import Reader
+from pipeline.spec.reader import Reader
 
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

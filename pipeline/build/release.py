@@ -1,9 +1,9 @@
 """Many builds: the (spec, format) plan, shards, the build cache, worker processes, publishing and reports.
 
-`pipeline.runner.build` builds ONE archive; this module decides which archives to build, runs them (in this
+`pipeline.build.runner.build` builds ONE archive; this module decides which archives to build, runs them (in this
 process, or in `--jobs` worker processes started fresh with `spawn`: never forked from a process that has
 threads, and torch is never imported here), publishes each finished archive to its store, and reports.
-An archive whose build key (`pipeline.cache`) matches the one the store holds, and which checks out, is
+An archive whose build key (`pipeline.build.cache`) matches the one the store holds, and which checks out, is
 `unchanged` and not built: such a run never imports torch.
 """
 
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import cache, reports, stores
+from pipeline.build import cache, reports
+from pipeline.store import stores
 from pipeline.errors import PipelineError, SpecError
-from pipeline.spec import Spec, load_spec
+from pipeline.spec.spec import Spec, load_spec
 
 STAGES = ("load", "export", "parity", "package")
 
@@ -120,7 +121,7 @@ def _build(todo: list[tuple[int, Job]], args: argparse.Namespace, store: stores.
             from pipeline.stages.parity import resolve_device
 
             resolve_device(todo[0][1].spec, args.device)
-        from pipeline.checkpoint import prescan
+        from pipeline.sources.checkpoint import prescan
 
         for path in dict.fromkeys(j.spec.checkpoint.path for _, j in todo):
             prescan(path)  # hashing overlaps the import of torch
@@ -221,10 +222,10 @@ def _finish(i: int, result: dict[str, Any], store: stores.Store, results: dict[i
 def build_one(job: Job, prescanned: bool = False) -> dict[str, Any]:
     """Build one archive (in this process or a worker); its result as a report dict, failures included."""
     if not prescanned:
-        from pipeline.checkpoint import prescan
+        from pipeline.sources.checkpoint import prescan
 
         prescan(job.spec.checkpoint.path)  # hashing overlaps the import of torch
-    from pipeline.runner import build
+    from pipeline.build.runner import build
 
     start = time.perf_counter()
     try:

@@ -14,15 +14,15 @@ from typing import Any
 
 import yaml
 
-from pipeline import spec_requests as requests
 from pipeline.errors import SpecError
-from pipeline.spec_model import CAST_DTYPES, IDENT_RE, Architecture, parse_architecture, parse_generate
-from pipeline.spec_reader import Reader as _Reader
-from pipeline.spec_requests import ImageSpec, OutputLabels, TextSpec
+from pipeline.spec import requests
+from pipeline.spec.model import CAST_DTYPES, IDENT_RE, Architecture, parse_architecture, parse_generate
+from pipeline.spec.reader import Reader as _Reader
+from pipeline.spec.requests import ImageSpec, OutputLabels, TextSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 FORMATS = ("eager", "torchscript", "onnx")  # in order of simplicity: auto prefers the earlier on a tie
-AUTO = "auto"  # every candidate format through parity, the fastest packaged (pipeline/auto.py)
+AUTO = "auto"  # every candidate format through parity, the fastest packaged (pipeline/build/auto.py)
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 DEVICES = ("auto", "cpu", "cuda")
 BATCH = "batch"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import detected_prefixes, read_checkpoint
+from pipeline.sources.checkpoint import detected_prefixes, read_checkpoint
 
 
 def describe(path: Path) -> dict[str, Any]:

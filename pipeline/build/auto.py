@@ -1,0 +1,93 @@
+"""`export.format: auto`: every candidate format through export and the parity gate, each that passes timed as
+the handler serves it, and the fastest packaged as the one archive `<name>.mar`.
+
+Timing: the artifact loaded by the handler's own loader with the handler's own thread choice, at the serving
+batch size (`serve.batch_size`) made of the parity inputs, after warm-ups; the median of several runs. The
+fastest wins; a simpler format wins a tie within `TIE` (eager over TorchScript over ONNX): it serves with less.
+The archive records the choice and every candidate's status, never the timings, so an `auto` rebuild that makes
+the same choice is byte-identical (and the build cache keeps the choice without measuring again); the build's
+report carries the timings.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.build import steps
+from pipeline.build.steps import BuildKey
+from pipeline.build.trial import Candidate, try_format
+from pipeline.errors import ExportError, ParityError, PipelineError
+from pipeline.spec.spec import FORMATS, Spec
+
+TIE = 0.05  # a simpler format within 5% of the fastest wins
+
+def choose(candidates: list[Candidate]) -> Candidate:
+    """The fastest passing candidate; a simpler one (earlier in FORMATS) within TIE of it wins instead."""
+    passed = [c for c in candidates if c.status == "passed"]
+    fastest = min(c.median_ms for c in passed)
+    return min((c for c in passed if c.median_ms <= fastest * (1 + TIE)), key=lambda c: FORMATS.index(c.format))
+
+
+def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: BuildKey) -> Any:
+    """Build `<name>.mar` from the fastest candidate that passes parity; all failing is the first failure's error
+    (in the order eager, TorchScript, ONNX)."""
+    from pipeline.stages import load, package, parity
+
+    report = steps.BuildReport(spec=str(spec.source), name=spec.name, format="auto")
+    dev = parity.resolve_device(spec, device)
+    steps.clean_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{__import__('os').getpid()}-{spec.name}-"))
+    try:
+        loaded = steps.timed(report, "load", lambda: load.run(spec), steps.load_detail)
+        candidates: list[Candidate] = []
+
+        def try_all() -> list[Candidate]:
+            for fmt in (f for f in FORMATS if f in spec.export.candidates):
+                start = time.perf_counter()
+                candidates.append(try_format(spec, loaded, fmt, workdir, dev))
+                _say(spec.name, candidates[-1], time.perf_counter() - start)
+            return candidates
+
+        steps.timed(report, "export", try_all, lambda cs: ", ".join(f"{c.format} {c.status}" for c in cs))
+        report.auto = {"candidates": {c.format: c.report() for c in candidates}}
+        if not any(c.status == "passed" for c in candidates):
+            first = candidates[0]
+            raise (ExportError if first.status == "failed export" else ParityError)(
+                f"{spec.name}: format auto: no candidate passed; {first.format}: {first.error}"
+            )
+        best = choose(candidates)
+        report.format = best.format
+        report.auto["choice"] = best.format
+        staged = best.staged
+        meta = dict(staged["meta"], auto={"choice": best.format, "candidates": {c.format: c.record() for c in candidates}})
+        steps.record_key(meta, build_key)
+        steps.skip_stage(report, "parity", f"{dev}: every candidate above")
+        report.parity = staged["parity"].record()
+        loaded.release()
+        with package.begin(staged["spec"], store, loaded, staged["exported"], layout) as draft:
+            packed = steps.timed(
+                report,
+                "package",
+                lambda: package.run(staged["spec"], draft, best.workdir, staged["sources"], staged["exported"], meta, staged["parity"]),
+                steps.package_detail,
+            )
+        report.archive = str(packed.archive)
+    except PipelineError as exc:
+        report.error, report.exit_code = str(exc), exc.exit_code
+        exc.report = report
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _say(name: str, c: Candidate, took: float) -> None:
+    timing = f", {c.median_ms:.2f} ms median / {c.p90_ms:.2f} ms p90 at the serving batch" if c.median_ms is not None else ""
+    why = f": {c.error}" if c.error else ""
+    print(f"{name:<24} auto     {c.format:<12} {took:6.2f}s  {c.status}{timing}{why}"[:400])
