@@ -131,5 +131,9 @@ def test_every_import_of_our_packages_names_a_module_or_a_name_they_define() -> 
             if base.split(".")[0] in ("pipeline", "handlers") and base not in modules:
                 wrong.append(f"{m}: from {base} import ... (no such module)")
             elif base in packages:
-                wrong += [f"{m}: from {base} import {a.name}" for a in node.names if f"{base}.{a.name}" not in modules and a.name not in defined[base]]
+                wrong += [
+                    f"{m}: from {base} import {a.name}"
+                    for a in node.names
+                    if f"{base}.{a.name}" not in modules and a.name not in defined[base]
+                ]
     assert not wrong, "\n".join(wrong)
