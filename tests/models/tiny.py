@@ -173,3 +173,17 @@ class NoisyUnscriptable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = sum(self.fc(x) * k for k in (1.0, 2.0))
         return y + torch.rand_like(y)
+
+
+class TokenGRU(nn.Module):
+    """A recurrent classifier over token ids [batch, seq]: embedding, GRU, the last step's state, four classes."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.embed(ids))
+        return self.fc(out[:, -1])
