@@ -11,11 +11,9 @@ report carries the timings.
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from pipeline.errors import ExportError, ParityError, PipelineError
 from pipeline.spec.spec import FORMATS, Spec
 
 TIE = 0.05  # a simpler format within 5% of the fastest wins
+
 
 def choose(candidates: list[Candidate]) -> Candidate:
     """The fastest passing candidate; a simpler one (earlier in FORMATS) within TIE of it wins instead."""

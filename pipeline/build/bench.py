@@ -7,15 +7,13 @@ run exactly as the handler runs it. Nothing is written to a model store.
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.build.trial import measure, try_format
-from pipeline.stages import inputs
 from pipeline.spec.spec import FORMATS, Spec
+from pipeline.stages import inputs
 
 
 def bench_format(spec: Spec, loaded: Any, fmt: str, batch_sizes: tuple[int, ...], iterations: int, device: str) -> dict[str, Any]:

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
 
 import pipeline
 from pipeline.digests import file_sha256, tree_sha256, versions
-from pipeline.store.archive import fixed_time
 from pipeline.spec.spec import Spec
+from pipeline.store.archive import fixed_time
 
 KEY_VERSION = 1  # bump when what enters the key changes shape
 ROOT = Path(pipeline.__file__).resolve().parent

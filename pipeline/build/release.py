@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.build import cache, reports
-from pipeline.store import stores
 from pipeline.errors import PipelineError, SpecError
 from pipeline.spec.spec import Spec, load_spec
+from pipeline.store import stores
 
 STAGES = ("load", "export", "parity", "package")
 

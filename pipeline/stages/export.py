@@ -139,6 +139,7 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names:
     # by keyword: the inputs go in as kwargs, in forward's order (ONNX names them so); else positionally
     args, kwargs["kwargs"] = ((), example) if by_name else (tuple(example.values()), None)
     declared = {t.name: t for t in spec.inputs}
+    repro.fresh_compiler_state()  # an export as if alone, whatever this process exported before
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -165,6 +166,8 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names:
         repro.onnx(path)  # no stack traces: same bytes wherever the build runs
     except Exception as exc:
         raise ExportError(f"{spec.name}: onnx export ({spec.export.onnx_exporter}) failed: {_first_line(exc)}") from None
+    finally:
+        repro.fresh_compiler_state()  # and leaves nothing cached for the eager runs and exports after it
     files = [path]
     files += sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path)
     return files

@@ -246,7 +246,7 @@ def run(
     if parity.requests:
         files.update(samples.write(parity.requests, workdir))
     outputs = [dict(o, shape=parity.output_shapes.get(o["name"])) for o in meta["outputs"]]
-    meta = dict(meta, outputs=outputs, parity=dict(parity.record(), versions=meta["versions"]))
+    meta = dict(meta, outputs=outputs, parity=dict(parity.archived(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
     _drop_other_layout(draft.target)

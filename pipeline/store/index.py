@@ -62,7 +62,7 @@ def entry(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         "size": size,
         "sha256": sha256,
         "build_key": meta.get("build_key"),
-        "parity": {k: {"max_abs": v.get("max_abs"), "max_rel": v.get("max_rel")} for k, v in sorted(outputs.items())},
+        "parity": {k: {"atol": v.get("atol"), "rtol": v.get("rtol")} for k, v in sorted(outputs.items())},
         "marpipe": (meta.get("versions") or {}).get("marpipe"),
     }
 

@@ -45,6 +45,23 @@ def fresh_jit_state() -> Any:
     return unit
 
 
+def fresh_compiler_state() -> None:
+    """Forget what torch's exporters learnt from earlier builds in this process, so that each export is as if alone.
+
+    The ONNX exporter swaps in a loop-based GRU/LSTM decomposition (`torch.export._patches`) while it exports, and
+    restores the op's kernel table afterwards, but not the op's dispatch cache: the next export of a model with a
+    GRU then came out with its sequence length fixed to the example's (a spec built after another one of the same
+    architecture failed parity at other lengths; `tests/test_repro.py`), and eager runs in between use the cached
+    kernel. The caches of those ops are emptied here, and dynamo's (behind `torch.export`) reset.
+    """
+    import torch
+
+    for packet in (torch.ops.aten.gru, torch.ops.aten.lstm, torch.ops.aten.rnn_tanh, torch.ops.aten.rnn_relu):
+        for name in packet.overloads():
+            getattr(packet, name)._dispatch_cache.clear()
+    torch.compiler.reset()
+
+
 def torchscript(path: Path) -> None:
     """Rewrite a TorchScript zip without its debug records (source paths and line numbers).
 
