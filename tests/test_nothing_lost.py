@@ -103,10 +103,12 @@ def test_an_answer_over_max_response_size_fails_alone_and_the_worker_lives(serve
             together = True
             break
     assert together, "the seven requests never ran in one batch"
+    sizes = [len(body) for _, _, body, _ in answers[1:]]
     code, _, body, seconds = _post(server, json.dumps({"inputs": {"x": small[0]}}).encode(), "application/json")
     assert code == 200 and seconds < 1.5, (code, seconds)  # a restarted worker takes 2.5 s more (and the batch delay)
     assert _pids(server) == pids
     assert "Backend worker process died" not in (server.workdir / "logs" / "model_log.log").read_text()
+    print(f"one batch: 413 for the 8-row answer, 200 for six of {min(sizes):,}-{max(sizes):,} bytes; next answer {seconds:.2f} s")
     code, _, body, _ = _post(server, jobs[0], "application/json", accept="application/x-npz")  # what the 413 advised
     with np.load(io.BytesIO(body), allow_pickle=False) as npz:
         np.testing.assert_allclose(npz["output"], _eager(project, big), rtol=1e-6, atol=1e-6)
