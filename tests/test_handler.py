@@ -344,3 +344,43 @@ def test_json_fast_path_answers_exactly_like_the_general_one(body: bytes) -> Non
     )
     slow = outcome(lambda: contract.from_json(stdlib_json.loads(body)))
     assert fast == slow or (np.isnan(fast).any() and np.isnan(slow).any()), (fast, slow)
+
+
+def test_an_answer_over_the_servers_limit_fails_alone_with_how_to_shrink_it(tmp_path: Path) -> None:
+    """TorchServe's frontend kills the worker for any answer over max_response_size (each answer on its own):
+    the handler answers that request 413 instead, and the rest of the batch as usual."""
+    inputs = [{"name": "x", "shape": ["batch", 1], "dtype": "float32"}]
+    service = _bare_service(lambda a: {"y": np.repeat(a["x"], 20, axis=1), "z": a["x"]}, inputs, [{"name": "y"}, {"name": "z"}])
+    exact = len(service.handle([{"body": [[1.0]] * 3}], FakeContext(tmp_path))[0])
+    service.meta["serve"] = {"max_response_bytes": exact}
+    service.contract = Contract(service.meta, "/nonexistent")
+    ctx = FakeContext(tmp_path, [{}, {}, {}, {"Accept": "application/x-npz"}])
+    out = service.handle([{"body": [[1.0]] * 3}, {"body": [[1.0]] * 8}, {"body": [[2.0]]}, {"body": [[1.0]] * 100}], ctx)
+    assert set(ctx.status) == {1, 3} and ctx.status[1][0] == ctx.status[3][0] == 413
+    assert len(out[0]) == exact and json.loads(out[0])["outputs"]["z"] == [[1.0]] * 3  # at the limit: sent
+    assert json.loads(out[2])["outputs"]["y"] == [[2.0] * 20]
+    message = json.loads(out[1])["error"]
+    assert f"over the {exact:,} this server sends (serve.max_response_mb: {exact / 1e6:g})" in message, message
+    assert "fewer rows (this request has 8; about" in message and "Accept: application/x-npz; about 1,072 bytes" in message
+    assert 'the v2 form\'s "outputs" list' in message and ctx.content_type[1] == "application/json"
+    npz_message = json.loads(out[3])["error"]
+    assert "this request has 100" in npz_message and "Accept" not in npz_message  # it asked for npz already
+
+
+def test_form_bodies_are_refused_naming_the_header_to_send(served) -> None:
+    """What TorchServe hands over for curl -d (a form): nothing for JSON without '=' or '&', cut fields otherwise."""
+    service, folder = served
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    rows = [
+        {},  # curl -d '{"inputs": {"x": [[1,2,3,4]]}}'
+        {'{"inputs": {"text": ["salt': bytearray(b""), 'pepper"]}, "k": "a': bytearray(b'b cA"}')},  # '&', '=', '+', '%41'
+        {"x": bytearray(b"[[1, 2, 3, 4]]")},  # curl -d 'x=[[1,2,3,4]]': a field named after the input
+        {"body": bytearray(b'{"inputs": {"x": [[1, 2, 3, 4]]}}')},  # JSON with no Content-Type at all
+    ]
+    ctx = FakeContext(folder, [form, form, form, {}])
+    out = service.handle(rows, ctx)
+    assert set(ctx.status) == {0, 1} and ctx.status[0][0] == ctx.status[1][0] == 400
+    for i in (0, 1):
+        error = json.loads(out[i])["error"]
+        assert "Content-Type: application/x-www-form-urlencoded" in error and "-H 'Content-Type: application/json'" in error
+    assert json.loads(out[2]) == json.loads(out[3]) == {"outputs": {"y": _expected([[1, 2, 3, 4]])}}

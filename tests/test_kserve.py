@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def layout(tmp_path_factory) -> tuple[Path, Path]:
     project = Project(tmp_path_factory.mktemp("kserve"))
     project.save(project.model("Linear").state_dict(), "tiny.pth")
-    tiny = project.spec(name="tiny.mlp", version="2.1", serve={"batch_size": 4, "max_batch_delay_ms": 50})
+    tiny = project.spec(name="tiny.mlp", version="2.1", serve={"batch_size": 4, "max_batch_delay_ms": 50, "max_response_mb": 12.5})
     result = project.build(tiny)
     assert result.returncode == 0, result.stdout + result.stderr
     two, _ = project.multi_io_specs()
@@ -58,6 +58,7 @@ def test_config_is_what_the_runtime_expects(layout) -> None:
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["install_py_dep_per_model"] == "false"
     assert "service_envelope" not in props and props["enable_envvars_config"] == "false"  # the kservev2 envelope stays off
+    assert props["max_response_size"] == props["max_request_size"] == "12500000"  # the largest serve.max_response_mb asked
     assert props["vmargs"] == "-XX:TieredStopAtLevel=1"  # --vmargs: the frontend's quick compiler only
     snapshot = json.loads(props["model_snapshot"])
     assert snapshot["modelCount"] == 2 and sorted(snapshot["models"]) == ["tiny.mlp", "two"]

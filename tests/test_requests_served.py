@@ -166,6 +166,8 @@ def _hostile() -> dict[str, tuple[str, bytes, str | None, int]]:
         "jpeg lie": ("/predictions/image", b"\xff\xd8\xff" + b"\x00" * 5000, "image/jpeg", 400),
         "bomb": ("/predictions/image", _bomb(), "image/png", 413),
         "long text": ("/predictions/text", too_long, None, 400),
+        "curl -d json": ("/predictions/two", b'{"inputs": {"x": [[1, 2, 3, 4]]}}', "application/x-www-form-urlencoded", 400),
+        "curl -d json with &": ("/predictions/text", b'{"inputs": {"text": "salt & pepper"}}', "application/x-www-form-urlencoded", 400),
     }
 
 

@@ -28,6 +28,7 @@ def test_defaults(linear_project) -> None:
     assert (spec.parity.atol, spec.parity.rtol, spec.parity.batch_sizes, spec.parity.device) == (1e-5, 1e-4, (1, 4), "auto")
     assert (spec.serve.batch_size, spec.serve.max_batch_delay_ms, spec.serve.min_workers, spec.serve.max_workers) == (8, 20, 1, 1)
     assert spec.serve.response_timeout_s == 120 and spec.serve.handler is None
+    assert spec.serve.max_response_bytes == 6_553_500  # TorchServe's own default max_response_size
     assert spec.checkpoint.strict is True and spec.checkpoint.sha256 is None
     assert spec.outputs is None
 
@@ -87,7 +88,17 @@ CASES = {
     "bad sha": (lambda d: d["checkpoint"].update(sha256="abc"), "checkpoint.sha256: expected 64 hexadecimal digits"),
     "workers": (lambda d: d.update(serve={"min_workers": 2, "max_workers": 1}), "serve.max_workers: must be >= serve.min_workers (2)"),
     "negative tolerance": (lambda d: d.update(parity={"atol": -1}), "parity.atol: must be a finite number >= 0"),
+    "zero answer size": (lambda d: d.update(serve={"max_response_mb": 0}), "serve.max_response_mb: must be a positive number of MB"),
+    "negative answer size": (lambda d: d.update(serve={"max_response_mb": -2}), "serve.max_response_mb: must be a finite number >= 0"),
+    "answer size as text": (lambda d: d.update(serve={"max_response_mb": "6MB"}), "serve.max_response_mb: expected a number, got str"),
+    "answer size past 32 bits": (lambda d: d.update(serve={"max_response_mb": 3000}), "serve.max_response_mb: must be at most 2147"),
 }
+
+
+def test_max_response_mb_takes_fractions_and_integers(linear_project) -> None:
+    for value, size in ((0.1, 100_000), (20, 20_000_000), ("1.5e1", 15_000_000)):
+        path = _edit(linear_project, lambda d, v=value: d.update(serve={"max_response_mb": v}))
+        assert load_spec(path).serve.max_response_bytes == size
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -32,6 +32,15 @@ from .npz import write_npz
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+FORM = "application/x-www-form-urlencoded"
+# TorchServe's frontend parses a form body into fields before the worker sees it: a JSON text with no '=' or '&'
+# arrives as nothing at all, one with them as fields cut at those characters and URL-decoded ('+' a space), so
+# the body cannot be read back. Fields named after the inputs (curl -d text=...) are read like multipart parts.
+FORM_SENT = (
+    f"the body came as an HTML form (Content-Type: {FORM}, what curl -d sends unless told otherwise), which "
+    "TorchServe splits into form fields before the model sees it, so JSON or npz does not survive it: send the "
+    f"header -H 'Content-Type: {JSON}' (an npz: -H 'Content-Type: application/x-npz' --data-binary @FILE)"
+)
 
 
 @dataclass
@@ -79,17 +88,15 @@ def _decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> 
     npz, raw = NPZ in accept, _raw(accept)
     body = row.get("body") if row.get("body") is not None else row.get("data")
     ctype = header(context, idx, "content-type").split(";")[0].strip().lower()
-    if contract.hooks is not None and hasattr(contract.hooks, "decode"):
+    hook = contract.hooks is not None and hasattr(contract.hooks, "decode")
+    parts = {k: v for k, v in row.items() if k not in ("body", "data")} if body is None else {}
+    if ctype == FORM and body is None and (hook or not parts or not set(parts) <= {*contract.names, "text"}):
+        raise BadRequest(FORM_SENT)
+    if hook:
         return Request(_hook_decode(contract, body, ctype), npz, raw)
     if body is None:
-        parts = {k: v for k, v in row.items() if k not in ("body", "data")}
         if not parts:
             raise BadRequest("empty request body")
-        if ctype == "application/x-www-form-urlencoded" and not set(parts) <= {*contract.names, "text"}:
-            raise BadRequest(
-                "the body arrived as an HTML form (Content-Type: application/x-www-form-urlencoded, what curl -d sends "
-                "by default): send it with Content-Type: application/json"
-            )
         types = {k: header(context, idx, "content-type", part=k) for k in parts}
         return Request(contract.from_parts(parts, types), npz, raw)
     if isinstance(body, (bytes, bytearray)):
@@ -169,4 +176,26 @@ def encode(outputs: dict[str, np.ndarray], request: Request, contract: Contract)
 
 
 def dumps(doc: Any) -> str:
-    return json.dumps(doc)
+    return json.dumps(doc)  # ASCII (ensure_ascii): its length is its size in bytes
+
+
+def oversize(body: bytes | str, outputs: dict[str, np.ndarray], request: Request, contract: Contract) -> str | None:
+    """Why an answer is too large to send, or None. TorchServe's frontend refuses any answer over its
+    `max_response_size` (each answer of a batch on its own: their sum may be larger) by killing the worker, and
+    every request of the batch gets a 500; the archive's limit (`serve.max_response_mb`) is the server's."""
+    size = len(body) if isinstance(body, (bytes, bytearray)) or body.isascii() else len(body.encode("utf-8"))
+    limit = contract.max_response
+    if size <= limit:
+        return None
+    rows = len(next(iter(outputs.values()))) if outputs else 0
+    fewer = f"fewer rows (this request has {rows}; about {rows * limit // size} fit)" if rows * limit // size else "fewer rows"
+    ways = [fewer]
+    if not request.npz and request.v2 is None:
+        npz = sum(v.nbytes + 200 for v in outputs.values())  # the raw values and each entry's zip and npy headers
+        ways.append(f"the answer as an npz (Accept: {NPZ}; about {npz:,} bytes)")
+    if len(outputs) > 1:
+        ways.append('only the outputs you need (the v2 form\'s "outputs" list)')
+    return (
+        f"the answer is {size:,} bytes, over the {limit:,} this server sends (serve.max_response_mb: {limit / 1e6:g}); "
+        f"ask for {', or '.join(ways)}"
+    )

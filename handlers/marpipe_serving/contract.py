@@ -17,6 +17,7 @@ from .errors import BadRequest
 from .models import np_dtype
 
 TEXT_KEY = "text"  # the JSON key (and multipart part) that carries text for a text model
+MAX_RESPONSE = 6_553_500  # TorchServe's default max_response_size: for archives that do not record serve.max_response_bytes
 
 
 class Contract:
@@ -27,6 +28,7 @@ class Contract:
         self.by_name = {t["name"]: t for t in self.inputs}
         self.images = {t["name"]: t["image"] for t in self.inputs if t.get("image")}
         self.max_rows = meta.get("serve", {}).get("max_rows")
+        self.max_response: int = meta.get("serve", {}).get("max_response_bytes") or MAX_RESPONSE
         self.dim_max: dict[str, int] = meta.get("dim_max") or {}
         self.labels = {o["name"]: o["labels"] for o in meta["outputs"] if o.get("labels")}
         self.text = None

@@ -2,7 +2,8 @@
 
 Each request is decoded on its own (a malformed one gets its 4xx and ``{"error": ...}``), requests whose shapes
 agree run in one forward pass (a text model's rows are padded to the longest instead), and each answer is
-encoded on its own (a failing encode hook is that request's 500). Nothing one request holds fails another.
+encoded on its own (a failing encode hook is that request's 500; an answer over the server's max_response_size its
+413, before TorchServe's frontend would refuse it by killing the worker). Nothing one request holds fails another.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class Service:
             except Exception as exc:  # a user encode hook, or an output JSON cannot hold: this request alone
                 log.exception("marpipe: encoding the answer failed")
                 results[i] = error(context, i, 500, f"encoding the answer failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            too_large = codecs.oversize(body, mine, request, self.contract)
+            if too_large:  # sent, it would kill the worker and fail its whole batch
+                results[i] = error(context, i, 413, too_large)
                 continue
             context.set_response_content_type(i, ctype)
             results[i] = body

@@ -27,6 +27,8 @@ DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16"
 DEVICES = ("auto", "cpu", "cuda")
 BATCH = "batch"
 DEFAULT_DIM_SIZES = (3, 7)
+TS_MAX_RESPONSE_MB = 6.5535  # TorchServe's default max_response_size, 6,553,500 bytes
+TS_MAX_SIZE_MB = (2**31 - 1) / 1e6  # TorchServe reads its size limits as 32-bit integers of bytes
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,14 @@ class Serve:
     max_workers: int = 1
     response_timeout_s: int = 120
     max_rows: int = 64
+    max_response_mb: float = TS_MAX_RESPONSE_MB  # the largest answer the server sends (TorchServe's max_response_size)
     handler: Path | None = None
     extra_files: tuple[Path, ...] = ()
     hooks: Path | None = None  # user decode()/encode() around our batching
+
+    @property
+    def max_response_bytes(self) -> int:
+        return round(self.max_response_mb * 1e6)
 
 
 @dataclass(frozen=True)
@@ -342,6 +349,7 @@ def _serve(r: _Reader, value: Any) -> Serve:
         "max_workers",
         "response_timeout_s",
         "max_rows",
+        "max_response_mb",
         "handler",
         "extra_files",
         "hooks",
@@ -356,6 +364,7 @@ def _serve(r: _Reader, value: Any) -> Serve:
         max_workers=take("max_workers", 1),
         response_timeout_s=take("response_timeout_s", 1),
         max_rows=take("max_rows", 1),
+        max_response_mb=_megabytes(r, m.get("max_response_mb", d.max_response_mb), "serve.max_response_mb"),
         handler=None if m.get("handler") is None else r.file(m["handler"], "serve.handler"),
         extra_files=tuple(r.file(f, f"serve.extra_files[{i}]") for i, f in enumerate(r.list_(m.get("extra_files"), "serve.extra_files"))),
         hooks=requests.hooks(r, m.get("hooks")),
@@ -365,3 +374,13 @@ def _serve(r: _Reader, value: Any) -> Serve:
     if serve.handler is not None and serve.handler.suffix != ".py":
         raise r.fail("serve.handler", f"expected a Python file (.py), got {m['handler']}")
     return serve
+
+
+def _megabytes(r: _Reader, value: Any, path: str) -> float:
+    """A size in MB (10^6 bytes): a positive number whose bytes TorchServe can hold in a 32-bit integer."""
+    number = r.float_(value, path)
+    if number * 1e6 < 1:
+        raise r.fail(path, f"must be a positive number of MB (1 byte at least), got {value}")
+    if number > TS_MAX_SIZE_MB:
+        raise r.fail(path, f"must be at most {TS_MAX_SIZE_MB:.0f} (TorchServe's sizes are 32-bit integers of bytes), got {value}")
+    return number

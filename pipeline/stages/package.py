@@ -116,6 +116,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
             "max_workers": s.max_workers,
             "response_timeout_s": s.response_timeout_s,
             "max_rows": s.max_rows,
+            "max_response_bytes": s.max_response_bytes,  # the handler refuses a larger answer; serve and kserve set the server's
         },
         "versions": versions(),
     }

@@ -7,7 +7,8 @@ reads the same config.properties: the models it serves are the ones named in `mo
 reached on `inference_address`. So this writes:
 
   OUT/config/config.properties   TorchServe's config: inference and management on 8085, metrics on 8082,
-                                 gRPC on 7070/7071, model_snapshot naming every model with its batch settings
+                                 gRPC on 7070/7071, model_snapshot naming every model with its batch settings,
+                                 max_response_size the largest the archives ask for (see `limits`)
   OUT/model-store/               the archives (.mar files or folders)
   OUT/inferenceservice.yaml      the InferenceService (modelFormat pytorch, runtime kserve-torchserve)
 
@@ -29,6 +30,7 @@ import yaml
 from pipeline.errors import PackageError, SpecError
 from pipeline.store import archive, archive_dir, layout
 from pipeline.torchserve.deploy import version_key
+from pipeline.torchserve.limits import DEFAULT_MAX_RESPONSE_SIZE, max_response_size, size_settings
 from pipeline.torchserve.server import jvm_args
 
 TORCHSERVE_VERSION = "0.12.0"  # the runtimeVersion: the image pytorch/torchserve-kfs:0.12.0
@@ -73,7 +75,7 @@ def store_name(model: str, version: str, is_dir: bool, versions: int) -> str:
     return base if is_dir else f"{base}.mar"
 
 
-def config_properties(snapshot: dict, vmargs: str | None = None) -> str:
+def config_properties(snapshot: dict, vmargs: str | None = None, max_response: int = DEFAULT_MAX_RESPONSE_SIZE) -> str:
     lines = [
         "# marpipe kserve: read by TorchServe and by KServe's wrapper from /mnt/models/config/config.properties",
         "# TorchServe is reached through KServe's wrapper (port 8080) only: it listens on the pod's loopback,",
@@ -94,6 +96,7 @@ def config_properties(snapshot: dict, vmargs: str | None = None) -> str:
         "enable_envvars_config=false",
         "disable_token_authorization=true",
         "enable_model_api=false",
+        *(f"{k}={v}" for k, v in size_settings(max_response).items()),
         f"model_snapshot={json.dumps(snapshot, separators=(',', ':'), sort_keys=True)}",
     ]
     if jvm := jvm_args(vmargs):  # TorchServe's start script passes them to its JVM
@@ -152,11 +155,12 @@ def write(store: Path, out: Path, storage_uri: str | None, protocol: str, vmargs
         versions[max(versions, key=version_key)]["defaultVersion"] = True
     snapshot = {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()), "models": models}
     uri = storage_uri or f"pvc://marpipe-models/{out.resolve().name}"
-    _write_tree(out, names, snapshot, inference_service(service_name(out), uri, protocol), vmargs)
+    config = config_properties(snapshot, vmargs, max_response_size(archives))
+    _write_tree(out, names, config, inference_service(service_name(out), uri, protocol))
     return snapshot
 
 
-def _write_tree(out: Path, names: dict[str, Path], snapshot: dict, isvc: dict, vmargs: str | None) -> None:
+def _write_tree(out: Path, names: dict[str, Path], config: str, isvc: dict) -> None:
     """model-store/ built beside its final place and swapped in whole; the two text files written atomically."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +174,7 @@ def _write_tree(out: Path, names: dict[str, Path], snapshot: dict, isvc: dict, v
                 shutil.copyfile(src, tmp / file)
         archive_dir.put_in_place(tmp, out / "model-store")
         (out / "config").mkdir(exist_ok=True)
-        _atomic(out / "config" / "config.properties", config_properties(snapshot, vmargs))
+        _atomic(out / "config" / "config.properties", config)
         header = "# marpipe kserve: upload OUT to the storageUri, then kubectl apply -f inferenceservice.yaml\n"
         _atomic(out / "inferenceservice.yaml", header + yaml.safe_dump(isvc, sort_keys=False))
     except OSError as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.errors import PackageError, SpecError
 from pipeline.store.layout import list_archives, read_entry
+from pipeline.torchserve.limits import DEFAULT_MAX_RESPONSE_SIZE, max_response_size, size_settings
 
 
 @dataclass
@@ -173,8 +174,10 @@ def config_text(
     model_api: bool,
     allowed_urls: list[str] | None = None,
     vmargs: str | None = None,
+    max_response: int = DEFAULT_MAX_RESPONSE_SIZE,
 ) -> str:
-    """A TorchServe config that is safe by default: loopback only, tokens on, no model registration API."""
+    """A TorchServe config that is safe by default: loopback only, tokens on, no model registration API.
+    `max_response`: the largest answer a worker may send (bytes; see `limits`)."""
     h = f"[{host}]" if ":" in host else host
     store = store.resolve()
     lines = {
@@ -194,6 +197,7 @@ def config_text(
         "decode_input_request": "false",  # the handler parses bodies itself: once, and faster (orjson)
         "enable_envvars_config": "false",
         "default_workers_per_model": 1,
+        **size_settings(max_response),
     }
     if jvm := jvm_args(vmargs):
         lines["vmargs"] = jvm
@@ -215,7 +219,8 @@ def start(
     """Start TorchServe in its own process group with its own config, logs and temp folder.
 
     `archives`: the archives (.mar files or folders) to load; default every one in the store; an empty
-    list starts a server with no model (to register them over the model API, with `model_api`).
+    list starts a server with no model (to register them over the model API, with `model_api`); so does a store
+    with none (or none yet: the folder is made) when `model_api` is on.
     `allowed_urls`: regular expressions of more URLs it may register archives from.
     `vmargs`: options of TorchServe's JVM (default none: the JVM's own; see QUICK_JIT)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
@@ -223,8 +228,13 @@ def start(
     store = store.resolve()
     if archives is None:
         archives = list_archives(store)
-        if not archives:
-            raise PackageError(f"no archives in {store}; run marpipe build first")
+        if not archives and not model_api:
+            raise PackageError(f"no archives in {store}; run marpipe build first (or serve with --enable-model-api to deploy them later)")
+    if model_api:
+        try:
+            store.mkdir(parents=True, exist_ok=True)  # where deploys put their archives
+        except OSError as exc:
+            raise PackageError(f"{store}: cannot make the model store there ({exc.strerror or exc})") from None
     archives = sorted(archives)
     models = {archive_model_name(a): a.name for a in archives}
     own = workdir is None
@@ -238,7 +248,8 @@ def start(
         numbers = [port, port + 1, port + 2, *free_ports(2, host)]
     ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), numbers))
     config = workdir / "config.properties"
-    config.write_text(config_text(store, [a.name for a in archives], host, ports, auth, model_api, allowed_urls, vmargs))
+    names = [a.name for a in archives]
+    config.write_text(config_text(store, names, host, ports, auth, model_api, allowed_urls, vmargs, max_response_size(archives)))
     env = dict(
         os.environ,
         TEMP=str(workdir / "tmp"),
@@ -429,6 +440,12 @@ def serve_forever(args: Any) -> int:
         status = wait_ready(server, 600)
         for name, s in sorted(status.items()):
             print(f"  {name:<28} {s}", file=sys.stderr)
+        if not status:
+            print(
+                f"no models yet: deploy them with marpipe deploy ARCHIVE --management {server.url('management', '')} "
+                f"--inference {server.url('inference', '')} --model-store {args.store}",
+                file=sys.stderr,
+            )
         if server.auth:
             print(
                 f"token authorization is on: keys in {server.workdir / 'key_file.json'}; send 'Authorization: Bearer <inference key>'",
