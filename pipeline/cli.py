@@ -73,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild archives the store holds with the same build key")
     b.add_argument("--junit", type=Path, metavar="FILE", help="write JUnit XML: one testcase per archive")
     b.add_argument("--summary", type=Path, metavar="FILE", help="append a Markdown table of the builds to FILE")
+    b.add_argument("--sign-key", type=Path, metavar="KEY", help="sign each archive with this EC private key (PEM): docs/security.md")
 
     x = sub.add_parser("index", help="rebuild the store's index.json from its archives")
     x.add_argument("store", metavar="STORE", help="a folder or an fsspec URL such as s3://bucket/prefix")
@@ -83,6 +84,11 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check archives: zip integrity, entry names, manifest, every hash (exit 6 on a fault)")
     v.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a .mar file, or its URL in a remote store")
+    v.add_argument("--key", type=Path, metavar="PUB", help="also require a signature by this EC public key (PEM; exit 7 without)")
+
+    g = sub.add_parser("sign", help="sign archives where they lie, with an EC private key (PEM); the index notes it")
+    g.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a .mar file or directory archive, or its URL in a remote store")
+    g.add_argument("--key", type=Path, required=True, metavar="KEY", help="the EC private key (PEM)")
 
     s = sub.add_parser("smoke", help="serve the store with TorchServe and replay each archive's parity inputs")
     s.add_argument("names", nargs="*", help="model names (default: every archive in the store)")
@@ -117,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=_positive, help="workers of the new version (default: the archive's serve.min_workers)")
     d.add_argument("--timeout", type=float, default=300, help="seconds for registration and for the workers to be READY (default 300)")
     d.add_argument("--report", type=Path, help="also write the table of what changed as JSON")
+    d.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 7) archives not signed by this EC public key (PEM)")
 
     k = sub.add_parser("kserve", help="lay out a store for KServe's TorchServe runtime: config, model-store, InferenceService")
     k.add_argument("out", type=Path, metavar="OUT", help="folder to write config/, model-store/ and inferenceservice.yaml into")
@@ -124,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--storage-uri", help="where OUT will be uploaded, for the InferenceService (default: pvc://marpipe-models/<OUT name>)")
     k.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="the InferenceService's protocolVersion (default v1)")
     k.add_argument("--vmargs", help="options of TorchServe's JVM, written to config.properties (default none)")
+    k.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 7) archives not signed by this EC public key (PEM)")
     return p
 
 
@@ -192,16 +200,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.errors import PackageError, SignatureError
+    from pipeline.store import signing
     from pipeline.store.layout import verify
     from pipeline.store.stores import local_copy
 
-    bad = 0
+    if args.key:
+        signing.check_public_key(args.key)
+    bad = unsigned = 0
     for target in args.archives:
         with local_copy(target) as path:
-            found = verify(path)
+            why = signing.verify(path, args.key) if args.key else None
+            found = ([f"signature: {why}"] if why else []) + verify(path)
         bad += bool(found)
-        print(f"{'ok  ' if not found else 'FAIL'} {target}" + "".join(f"\n     {f}" for f in found))
-    return 6 if bad else 0
+        unsigned += bool(why)
+        signed = " (signature by the key holds)" if args.key and not found else ""
+        print(f"{'ok  ' if not found else 'FAIL'} {target}{signed}" + "".join(f"\n     {f}" for f in found))
+    return SignatureError.exit_code if unsigned else PackageError.exit_code if bad else 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from pipeline.store import signing
+    from pipeline.store.stores import sign
+
+    signing.check_private_key(args.key, "--key")
+    first = 0
+    for target in args.archives:
+        try:
+            print(f"signed {target}: {sign(target, args.key)}")
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            first = first or exc.exit_code
+    return first
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -236,6 +266,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from pipeline.torchserve.placement import FolderTarget, UrlTarget
     from pipeline.torchserve.server import Client
 
+    if args.verify_key:  # every archive, before anything is copied or registered
+        from pipeline.store import layout, signing
+
+        signing.check_public_key(args.verify_key, "--verify-key")
+        layout.check_signatures(args.archives, args.verify_key, "copied or registered")
     client = Client.from_key_file(args.management, args.inference, args.token_file)
     target = FolderTarget(args.model_store) if args.model_store else UrlTarget(args.url_base)
     return deploy(args.archives, client, target, Options(args.workers, args.timeout, args.keep), args.report)
@@ -244,6 +279,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_kserve(args: argparse.Namespace) -> int:
     from pipeline.torchserve.kserve import kserve
 
+    if args.verify_key:  # every archive of the store, before OUT is written
+        from pipeline.store import layout, signing
+
+        signing.check_public_key(args.verify_key, "--verify-key")
+        layout.check_signatures(layout.list_archives(args.store), args.verify_key, "written")
     return kserve(args.store, args.out, args.storage_uri, args.protocol, args.vmargs)
 
 
@@ -252,6 +292,7 @@ COMMANDS = {
     "index": cmd_index,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
+    "sign": cmd_sign,
     "smoke": cmd_smoke,
     "serve": cmd_serve,
     "bench": cmd_bench,

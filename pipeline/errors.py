@@ -50,6 +50,12 @@ class PackageError(PipelineError):
     exit_code = 6
 
 
+class SignatureError(PipelineError):
+    """An archive's signature is missing, made with another key, or does not match its bytes (exit 7)."""
+
+    exit_code = 7
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's first non-empty line (its type's name when it has none), for a one-line message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -64,4 +70,5 @@ EXIT_CODES = {
     4: "export failed",
     5: "parity failed",
     6: "packaging or I/O failed",
+    7: "signature missing or not valid",
 }

@@ -33,7 +33,7 @@ def choose(candidates: list[Candidate]) -> Candidate:
     return min((c for c in passed if c.median_ms <= fastest * (1 + TIE)), key=lambda c: FORMATS.index(c.format))
 
 
-def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: BuildKey) -> Any:
+def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: BuildKey, sign_key: Path | None = None) -> Any:
     """Build `<name>.mar` from the fastest candidate that passes parity; all failing is the first failure's error
     (in the order eager, TorchScript, ONNX)."""
     from pipeline.stages import load, package, parity
@@ -69,7 +69,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: B
         steps.skip_stage(report, "parity", f"{dev}: every candidate above")
         report.parity = staged["parity"].record()
         loaded.release()
-        with package.begin(staged["spec"], store, loaded, staged["exported"], layout) as draft:
+        with package.begin(staged["spec"], store, loaded, staged["exported"], layout, sign_key) as draft:
             packed = steps.timed(
                 report,
                 "package",

@@ -4,7 +4,8 @@
 process, or in `--jobs` worker processes started fresh with `spawn`: never forked from a process that has
 threads, and torch is never imported here), publishes each finished archive to its store, and reports.
 An archive whose build key (`pipeline.build.cache`) matches the one the store holds, and which checks out, is
-`unchanged` and not built: such a run never imports torch.
+`unchanged` and not built: such a run never imports torch. With `--sign-key`, every archive is put in place with its
+signature (`pipeline.store.signing`); an unchanged one not signed by that key is signed where it lies.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from pipeline.build import cache, reports
 from pipeline.errors import PipelineError, SpecError
 from pipeline.spec.spec import Spec, load_spec
-from pipeline.store import stores
+from pipeline.store import signing, stores
 
 STAGES = ("load", "export", "parity", "package")
 
@@ -69,6 +70,7 @@ class Job:
     key: str | None  # None: computed after the load stage hashed the checkpoint (the store holds no such archive)
     layout: str = "mar"  # mar: <name>.mar; dir: the folder <name>/
     opts: dict[str, Any] | None = None  # cache.options, for a key computed later
+    sign_key: Path | None = None  # a private key file: the archive is signed as it is put in place
 
     def build_key(self) -> str:
         """Computed once: the archive's marpipe.json and the report name the same key."""
@@ -86,6 +88,9 @@ def _say(line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     specs = [load_spec(p) for p in args.specs]  # every spec is validated before any work starts
     jobs = plan(specs, args.format, args.shard, args.layout)
+    sign_key = getattr(args, "sign_key", None)
+    if sign_key is not None:
+        signing.check_private_key(sign_key)  # a key model-signing cannot use fails here, before any build
     with stores.open_store(args.store) as store:
         store.check(write=True)  # an unreachable or unwritable store fails here, before any build
         opts = cache.options(args)
@@ -94,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
         for i, spec in enumerate(jobs):
             start = time.perf_counter()
             key = cache.build_key(spec, opts) if not args.force and store.may_hold(spec.name) else None
-            entry = store.unchanged(spec.name, key) if key else None
+            entry = store.unchanged(spec.name, key, sign_key) if key else None
             if entry:
                 results[i] = _unchanged(spec, key, entry, store, time.perf_counter() - start)
                 _say(f"{spec.name:<24} unchanged        build key {key[:12]}, {store.location(entry['file'])}")
             else:
-                todo.append((i, Job(spec, store.local, args.device, key, args.layout, opts)))
+                todo.append((i, Job(spec, store.local, args.device, key, args.layout, opts, sign_key)))
         _write_reports(args, results, final=False)
         first = _build(todo, args, store, results)
         _write_reports(args, results, final=True)
@@ -229,7 +234,7 @@ def build_one(job: Job, prescanned: bool = False) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        result = build(job.spec, job.folder, job.device, job.layout, build_key=job.build_key).as_dict()
+        result = build(job.spec, job.folder, job.device, job.layout, build_key=job.build_key, sign_key=job.sign_key).as_dict()
     except PipelineError as exc:
         report = getattr(exc, "report", None)
         result = report.as_dict() if report else _failed(job.spec, exc)

@@ -17,16 +17,19 @@ from pipeline.errors import PipelineError
 from pipeline.spec.spec import AUTO, Spec
 
 
-def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: BuildKey = None) -> BuildReport:
+def build(
+    spec: Spec, store: Path, device: str | None = None, layout: str = "mar", build_key: BuildKey = None, sign_key: Path | None = None
+) -> BuildReport:
     """Build one archive. Raises the stage's PipelineError after recording it in the report's stages.
 
     `layout`: `mar` writes `<store>/<name>.mar`, `dir` the folder `<store>/<name>/` (same entries).
     `build_key` (see `pipeline.build.cache`) is recorded in the archive's marpipe.json; a callable is called after the
-    load stage, whose hash of the checkpoint it reuses."""
+    load stage, whose hash of the checkpoint it reuses. `sign_key`: a private key file; the archive is put in place
+    with its signature (`pipeline.store.signing`)."""
     from pipeline.stages import export, load, package, parity
 
     if spec.export.format == AUTO:  # every candidate format, the fastest packaged: pipeline/build/auto.py
-        return auto.build(spec, store, device, layout, build_key)
+        return auto.build(spec, store, device, layout, build_key, sign_key)
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
     dev = parity.resolve_device(spec, device)
     clean_stale_workdirs()
@@ -37,7 +40,7 @@ def build(spec: Spec, store: Path, device: str | None = None, layout: str = "mar
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         record_key(meta, build_key)
-        with package.begin(spec, store, loaded, exported, layout) as draft:  # the weights are copied while parity runs
+        with package.begin(spec, store, loaded, exported, layout, sign_key) as draft:  # the weights are copied while parity runs
             checked = timed(
                 report,
                 "parity",

@@ -21,7 +21,7 @@ from pipeline.stages import samples
 from pipeline.stages.export import ARTIFACTS, Exported
 from pipeline.stages.load import Loaded
 from pipeline.stages.parity import ParityResult
-from pipeline.store import archive
+from pipeline.store import archive, signing
 
 HANDLER = Path(__file__).resolve().parents[2] / "handlers" / "marpipe_handler.py"
 TOKENIZER = "tokenizer.json"
@@ -196,11 +196,14 @@ def target(spec: Spec, store: Path, layout: str = "mar") -> Path:
     return store / (spec.name if layout == "dir" else f"{spec.name}.mar")
 
 
-def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported, layout: str = "mar") -> AbstractContextManager[archive.Draft]:
+def begin(
+    spec: Spec, store: Path, loaded: Loaded, exported: Exported, layout: str = "mar", sign_key: Path | None = None
+) -> AbstractContextManager[archive.Draft]:
     """Start the archive before parity. When the artifact is the checkpoint used as it is, the load stage
     already computed its digests, so it is copied into the archive on a background thread meanwhile.
     Nothing is renamed into the store before `run`. `layout`: `mar` (a zip) or `dir` (a folder TorchServe
-    serves without extracting it); the entries are the same, decided once in `run`."""
+    serves without extracting it); the entries are the same, decided once in `run`. `sign_key`: sign the archive
+    as it is put in place (`pipeline.store.signing`)."""
     artifact, ck = exported.files[0], loaded.checkpoint
     ahead = None
     if artifact.is_symlink() and artifact.resolve() == ck.path.resolve():
@@ -211,8 +214,8 @@ def begin(spec: Spec, store: Path, loaded: Loaded, exported: Exported, layout: s
     if layout == "dir":
         from pipeline.store import archive_dir
 
-        return archive.begin(path, ahead, archive_dir.DirDraft)
-    return archive.begin(path, ahead)
+        return archive.begin(path, ahead, archive_dir.DirDraft, sign_key)
+    return archive.begin(path, ahead, sign_key=sign_key)
 
 
 def model_config(spec: Spec) -> str:
@@ -262,6 +265,7 @@ def _drop_other_layout(built: Path) -> None:
         shutil.rmtree(other, ignore_errors=True)
     elif other.is_file() and other.suffix == ".mar":
         other.unlink(missing_ok=True)
+        signing.signature_path(other).unlink(missing_ok=True)
 
 
 def _size(path: Path) -> int:

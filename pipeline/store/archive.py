@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from pipeline.digests import CHUNK
 from pipeline.errors import PackageError
+from pipeline.store import signing
 
 MANIFEST = "MAR-INF/MANIFEST.json"
 METADATA = "marpipe.json"
@@ -151,11 +152,14 @@ def write_archive(
 
 
 @contextlib.contextmanager
-def begin(target: Path, ahead: tuple[str, Path, Known] | None = None, kind: type[Draft] | None = None) -> Iterator[Draft]:
+def begin(
+    target: Path, ahead: tuple[str, Path, Known] | None = None, kind: type[Draft] | None = None, sign_key: Path | None = None
+) -> Iterator[Draft]:
     """An archive in the making; leaving the block without `finish` removes every trace of it.
 
-    `kind`: the Draft class (`archive_dir.DirDraft` writes a directory archive)."""
-    draft = (kind or Draft)(target)
+    `kind`: the Draft class (`archive_dir.DirDraft` writes a directory archive). `sign_key`: a private key file
+    (`pipeline.store.signing`); the archive is then signed before it is put in place, and its signature with it."""
+    draft = (kind or Draft)(target, sign_key)
     try:
         draft.open(ahead)
         yield draft
@@ -175,9 +179,11 @@ class Draft:
     `finish`, as packaging errors.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, sign_key: Path | None = None) -> None:
         self.target = target
         self.tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+        self.sign_key = sign_key
+        self.sig_tmp: Path | None = None  # the signature of the temporary archive, under a temporary name
         self.ahead: tuple[zipfile.ZipInfo, str] | None = None  # the entry copied ahead, and its sha256
         self._ahead_info: zipfile.ZipInfo | None = None  # its zip entry while it is being copied
         self._locked = contextlib.ExitStack()
@@ -200,6 +206,7 @@ class Draft:
     def _prepare(self) -> None:
         """Under the lock, before anything is written: a dead build's leftovers removed."""
         clean_leftovers(self.target, keep=self.tmp)
+        signing.clean_leftovers(self.target)
 
     def _destination(self, name: str) -> Path:
         """The file the entry copied ahead is written into."""
@@ -282,7 +289,15 @@ class Draft:
                 raw.flush()
                 os.fsync(raw.fileno())
             os.chmod(self.tmp, 0o644)
+            if self.sign_key is not None:  # the very bytes that are renamed into place next
+                self.sig_tmp = signing.temporary(self.target)
+                signing.sign(self.tmp, self.sign_key, self.sig_tmp)
+            signature = signing.signature_path(self.target)
+            # the previous archive's signature goes first: never beside bytes it was not made for, even for a moment
+            signature.unlink(missing_ok=True)
             os.replace(self.tmp, self.target)
+            if self.sig_tmp is not None:
+                os.replace(self.sig_tmp, signature)
             self._done = True
             _fsync_dir(self.target.parent)
         except OSError as exc:
@@ -297,6 +312,7 @@ class Draft:
         if not self._done:
             with contextlib.suppress(OSError):
                 self.tmp.unlink()
+            signing.discard(self.sig_tmp)
         self._locked.close()
 
 

@@ -25,21 +25,21 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PackageError
-from pipeline.store import archive
+from pipeline.store import archive, signing
 from pipeline.store.archive import MANIFEST, METADATA, Known
-
-PYCACHE = "__pycache__"  # written by the worker when it imports the archive's modules from the folder
+from pipeline.store.signing import PYCACHE, SIGNATURE
 
 
 class DirDraft(archive.Draft):
     """A directory archive being written into `.<name>.<pid>.tmp/` beside `target` (see `archive.Draft`)."""
 
-    def __init__(self, target: Path) -> None:
-        super().__init__(target)
+    def __init__(self, target: Path, sign_key: Path | None = None) -> None:
+        super().__init__(target, sign_key)
         self.ahead_dir: tuple[str, str] | None = None  # the entry copied ahead, and its sha256
 
     def _prepare(self) -> None:
         clean_leftovers(self.target)
+        signing.clean_leftovers(self.target)
         try:
             self.tmp.mkdir()
         except OSError as exc:
@@ -76,6 +76,8 @@ class DirDraft(archive.Draft):
             for name, data in ((METADATA, archive.metadata_bytes(metadata, hashes)), (MANIFEST, manifest_bytes)):
                 _write_file(self.tmp / name, data)
                 hashes[name] = hashlib.sha256(data).hexdigest()
+            if self.sign_key is not None:  # inside the folder, so it is put in place with it in one rename
+                signing.sign(self.tmp, self.sign_key, self.tmp / SIGNATURE)
             _settle(self.tmp)
             put_in_place(self.tmp, self.target)
             self._done = True
@@ -186,10 +188,13 @@ def clean_leftovers(target: Path) -> None:
 
 
 def entries(folder: Path) -> tuple[list[str], list[str]]:
-    """(relative paths of the regular files, faults: links and special files), `__pycache__` left out."""
+    """(relative paths of the regular files, faults: links and special files), `__pycache__` and the signature
+    (`marpipe.sig`: not an entry of the archive, but a statement about them) left out."""
     files, faults = [], []
     for root, dirs, names in os.walk(folder):
         rel_root = Path(root).relative_to(folder)
+        if rel_root == Path("."):
+            names = [n for n in names if n != SIGNATURE]
         dirs[:] = sorted(d for d in dirs if d != PYCACHE)
         for d in list(dirs):
             if os.path.islink(os.path.join(root, d)):

@@ -1,7 +1,8 @@
 """The store's `index.json`: one entry per archive, rewritten atomically under the store's lock.
 
-The index is the only file of a store that is not an archive. An archive is a `<name>.mar` file, or a
-directory `<name>/` holding `MAR-INF/MANIFEST.json` and `marpipe.json` (the directory layout).
+The index is the only file of a store that is neither an archive nor a signature. An archive is a `<name>.mar`
+file (signed: with `<name>.mar.sig` beside it), or a directory `<name>/` holding `MAR-INF/MANIFEST.json` and
+`marpipe.json` (the directory layout; signed: with `marpipe.sig` in it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pipeline
 from pipeline.errors import PackageError
-from pipeline.store import archive, layout
+from pipeline.store import archive, layout, signing
 
 INDEX = "index.json"
 FORMAT = 1
@@ -50,9 +51,11 @@ def metadata(path: Path) -> dict[str, Any]:
 
 
 def entry(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The index entry of one archive (its digest is computed here)."""
+    """The index entry of one archive (its digest is computed here). `signed`: a signature lies with it; `signer`:
+    the fingerprint of the key it names (sha256 of the public key's PEM; read, not checked: `marpipe verify --key`)."""
     meta = meta if meta is not None else metadata(path)
     size, sha256 = layout.digest(path)
+    signature = signing.signature_path(path)
     outputs = (meta.get("parity") or {}).get("outputs") or {}
     return {
         "name": meta.get("name", path.stem),
@@ -64,6 +67,8 @@ def entry(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         "build_key": meta.get("build_key"),
         "parity": {k: {"atol": v.get("atol"), "rtol": v.get("rtol")} for k, v in sorted(outputs.items())},
         "marpipe": (meta.get("versions") or {}).get("marpipe"),
+        "signed": signature.is_file(),
+        "signer": signing.signer(signature),
     }
 
 

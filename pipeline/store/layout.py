@@ -1,13 +1,16 @@
 """What either archive layout shares, for the code that takes both: a `.mar` (`archive`) or a directory archive
-(`archive_dir`, torch-model-archiver's no-archive format) is found, read, digested and verified here.
+(`archive_dir`, torch-model-archiver's no-archive format) is found, read, digested, verified and signed here.
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline.store import archive, archive_dir
+from pipeline.errors import PackageError, SignatureError
+from pipeline.store import archive, archive_dir, signing
 from pipeline.store.archive import MANIFEST
 
 
@@ -48,3 +51,31 @@ def read_entry(path: Path, name: str) -> bytes:
         return (path / name).read_bytes()
     with zipfile.ZipFile(path) as z:
         return z.read(name)
+
+
+def sign(path: Path, key: Path) -> None:
+    """Sign an archive where it lies (`marpipe sign`, or one the build cache kept): under the archive's lock, so no
+    build replaces it meanwhile, and only when it checks out (a signature vouches for what it covers); the
+    signature is written under a temporary name and renamed into place. PackageError (6) when it does not check out."""
+    try:
+        with archive.hold(path.parent / f".{path.name}.lock"):
+            faults = verify(path)
+            if faults:
+                raise PackageError(f"{path}: {faults[0]}; not signed (a signature would vouch for it): rebuild it")
+            signing.clean_leftovers(path)
+            tmp = signing.temporary(path)
+            try:
+                signing.sign(path, key, tmp)
+                os.replace(tmp, signing.signature_path(path))
+            finally:
+                signing.discard(tmp)
+            archive._fsync_dir(path)
+    except OSError as exc:
+        raise PackageError(f"signing {path}: {exc.strerror or exc}") from None
+
+
+def check_signatures(paths: Iterable[Path], public_key: Path, doing: str) -> None:
+    """SignatureError (exit 7) naming every archive not signed by the key `public_key`, before anything is `doing`."""
+    bad = [f"{p}: {why}" for p in paths if (why := signing.verify(Path(p), public_key))]
+    if bad:
+        raise SignatureError(f"{'; '.join(bad)}; nothing was {doing}")

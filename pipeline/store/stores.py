@@ -3,7 +3,9 @@
 Builds always write into a local folder (`Store.local`): the store itself when it is local, else a private
 staging folder, from which `publish` uploads each archive under a temporary key, checks its size and sha256
 as stored, moves it to its final key, and only then rewrites `index.json` (itself uploaded under a
-temporary key and moved). So a reader never sees an index naming a missing or partial archive. Credentials
+temporary key and moved). So a reader never sees an index naming a missing or partial archive. A `.mar`'s
+signature (`<name>.mar.sig`) travels with it: the old one is removed before the archive is moved into place and
+the new one (read back) after; a directory archive's is inside it. Credentials
 and endpoint come from the standard AWS variables and files (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, ...).
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PackageError, first_line
-from pipeline.store import index, layout
+from pipeline.store import index, layout, signing
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CHUNK = 8 << 20
@@ -47,8 +49,9 @@ class Store:
         """Raise PackageError (exit 6, one line) when the store cannot be reached, read or (`write`) written."""
         raise NotImplementedError
 
-    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
-        """The index entry of archive `name` when the store holds it built with `key` and it checks out."""
+    def unchanged(self, name: str, key: str, sign_key: Path | None = None) -> dict[str, Any] | None:
+        """The index entry of archive `name` when the store holds it built with `key` and it checks out; with
+        `sign_key`, signed with that key too (a local archive is signed where it lies)."""
         raise NotImplementedError
 
     def may_hold(self, name: str) -> bool:
@@ -110,7 +113,7 @@ class LocalStore(Store):
     def may_hold(self, name: str) -> bool:
         return archive_path(self.root, name) is not None
 
-    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
+    def unchanged(self, name: str, key: str, sign_key: Path | None = None) -> dict[str, Any] | None:
         path = archive_path(self.root, name)
         if path is None:
             return None
@@ -120,6 +123,8 @@ class LocalStore(Store):
             return None
         if meta.get("build_key") != key or layout.verify(path):  # either layout: every entry and sha256
             return None
+        if sign_key is not None and not signing.signed_by(path, sign_key):  # unsigned, or by another key
+            layout.sign(path, sign_key)
         return self.publish(path, meta)  # the index names it even if it did not before
 
     def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -226,10 +231,12 @@ class RemoteStore(Store):
     def may_hold(self, name: str) -> bool:
         return index.find(self._index, name) is not None
 
-    def unchanged(self, name: str, key: str) -> dict[str, Any] | None:
+    def unchanged(self, name: str, key: str, sign_key: Path | None = None) -> dict[str, Any] | None:
         entry = index.find(self._index, name)
         if not entry or entry.get("build_key") != key:
             return None
+        if sign_key is not None and entry.get("signer") != signing.check_private_key(sign_key):
+            return None  # built again, and published with its signature
         with self._io("reading"):
             return entry if self._size(self._key(entry["file"])) == entry.get("size") else None
 
@@ -238,6 +245,8 @@ class RemoteStore(Store):
         if self.fs.isdir(key):
             size, lines = 0, []
             for f in sorted(self.fs.find(key)):
+                if f[len(key) + 1 :] == signing.SIGNATURE:  # not an entry: `archive_dir.entries` leaves it out too
+                    continue
                 n, sha = self._remote_digest(f)
                 size += n
                 lines.append(f"{sha}  {f[len(key) + 1 :]}\n")
@@ -266,6 +275,8 @@ class RemoteStore(Store):
                     )
                 if path.is_dir() and self.fs.exists(final):
                     self.fs.rm(final, recursive=True)
+                elif not path.is_dir() and self.fs.exists(final + signing.SUFFIX):
+                    self.fs.rm(final + signing.SUFFIX)  # never beside bytes it was not made for
                 self.fs.mv(tmp, final, recursive=path.is_dir())
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -273,10 +284,56 @@ class RemoteStore(Store):
                 raise
             if self._size(final) != entry["size"]:
                 raise PackageError(f"store {self.url}: {file} is not whole after the move; build again")
+            self._put_signature(path)
             self._write_index([entry])
         if path.is_relative_to(self.local):
             shutil.rmtree(path) if path.is_dir() else path.unlink()  # staged copy no longer needed
+            signing.discard(signing.signature_path(path))
         return entry
+
+    def _put_signature(self, path: Path) -> None:
+        """Upload an archive's signature where it belongs (a temporary key, then moved) unless it is there already
+        (a directory archive's travels inside it); read back."""
+        local = signing.signature_path(path)
+        if not local.is_file():
+            return
+        final = self._key(f"{path.name}/{signing.SIGNATURE}" if path.is_dir() else path.name + signing.SUFFIX)
+        data = local.read_bytes()
+        try:
+            there = self.fs.cat_file(final)
+        except FileNotFoundError:
+            there = None
+        if there != data:
+            tmp = self._key(f".{path.name}{signing.SUFFIX}.{uuid.uuid4().hex}.tmp")
+            self.fs.put_file(str(local), tmp)
+            self.fs.mv(tmp, final)
+            if self.fs.cat_file(final) != data:
+                raise PackageError(f"store {self.url}: {final} does not read back as written; sign it again (marpipe sign)")
+
+    def _get(self, name: str, local: Path) -> None:
+        """Download archive `name` to `local`, with its signature."""
+        key = self._key(name)
+        self.fs.get(key, str(local), recursive=self.fs.isdir(key))
+        if not local.is_dir():
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.get_file(key + signing.SUFFIX, str(signing.signature_path(local)))
+
+    def sign(self, name: str, key: Path) -> str:
+        """Sign archive `name` of the store: downloaded, checked and signed here, the signature uploaded where it
+        belongs (read back), the index entry updated; if the archive changed meanwhile, the signature goes again.
+        Returns the signature's location."""
+        local = self.local / name
+        with self._io(f"signing {name}"):
+            self._get(name, local)
+            before = layout.digest(local)
+            layout.sign(local, key)
+            where = f"{name}/{signing.SIGNATURE}" if local.is_dir() else name + signing.SUFFIX
+            self._put_signature(local)
+            if self._remote_digest(self._key(name)) != before:  # replaced by a build meanwhile
+                self.fs.rm(self._key(where))
+                raise PackageError(f"store {self.url}: {name} was replaced while it was being signed; sign it again")
+            self._write_index([index.entry(local)])
+        return self.location(where)
 
     def _present(self) -> set[str]:
         names = set()
@@ -307,22 +364,37 @@ class RemoteStore(Store):
         with self._io("reindexing"):
             for name in sorted(self._present()):
                 local = self.local / name
-                self.fs.get(self._key(name), str(local), recursive=self.fs.isdir(self._key(name)))
+                self._get(name, local)
                 if index.is_archive(local):
                     entries.append(index.entry(local))
                 shutil.rmtree(local) if local.is_dir() else local.unlink(missing_ok=True)
+                signing.discard(signing.signature_path(local))
             return self._write_index(entries, replace=True)
 
     def fetch(self) -> Path:
         with self._io("downloading"):
             for name in sorted(self._present()):
-                self.fs.get(self._key(name), str(self.local / name), recursive=self.fs.isdir(self._key(name)))
+                self._get(name, self.local / name)
         return self.local
 
     def close(self) -> None:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+
+
+def sign(target: str, key: Path) -> str:
+    """Sign the archive at a path or URL where it lies (`marpipe sign`); the store's index, if it has one, notes it.
+    Returns where the signature is."""
+    if is_url(target):
+        parent, _, file = target.rstrip("/").rpartition("/")
+        with RemoteStore(parent) as store:
+            return store.sign(file, key)
+    path = Path(target)
+    layout.sign(path, key)
+    if (path.parent / index.INDEX).is_file():
+        index.update(path.parent, [index.stamped(path)])
+    return str(signing.signature_path(path))
 
 
 @contextlib.contextmanager
@@ -335,8 +407,7 @@ def local_copy(target: str) -> Iterator[Path]:
     store = RemoteStore(parent)
     try:
         with store._io(f"downloading {file}"):
-            key = store._key(file)
-            store.fs.get(key, str(store.local / file), recursive=store.fs.isdir(key))
+            store._get(file, store.local / file)
         yield store.local / file
     finally:
         store.close()

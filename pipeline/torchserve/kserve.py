@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PackageError, SpecError
-from pipeline.store import archive, archive_dir, layout
+from pipeline.store import archive, archive_dir, layout, signing
 from pipeline.torchserve.deploy import version_key
 from pipeline.torchserve.limits import DEFAULT_MAX_RESPONSE_SIZE, max_response_size, size_settings
 from pipeline.torchserve.server import jvm_args
@@ -168,10 +168,12 @@ def _write_tree(out: Path, names: dict[str, Path], config: str, isvc: dict) -> N
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for file, src in names.items():
-            if src.is_dir():
+            if src.is_dir():  # its signature, marpipe.sig, inside
                 shutil.copytree(src, tmp / file, ignore=shutil.ignore_patterns(archive_dir.PYCACHE))
             else:
                 shutil.copyfile(src, tmp / file)
+                if signing.signature_path(src).is_file():  # beside it, under the archive's name in model-store
+                    shutil.copyfile(signing.signature_path(src), signing.signature_path(tmp / file))
         archive_dir.put_in_place(tmp, out / "model-store")
         (out / "config").mkdir(exist_ok=True)
         _atomic(out / "config" / "config.properties", config)
