@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check archives: zip integrity, entry names, manifest, every hash (exit 6 on a fault)")
     v.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a .mar file, or its URL in a remote store")
-    v.add_argument("--key", type=Path, metavar="PUB", help="also require a signature by this EC public key (PEM; exit 7 without)")
+    v.add_argument("--key", type=Path, metavar="PUB", help="also require a signature by this EC public key (PEM; exit 6 without)")
 
     g = sub.add_parser("sign", help="sign archives where they lie, with an EC private key (PEM); the index notes it")
     g.add_argument("archives", nargs="+", metavar="ARCHIVE", help="a .mar file or directory archive, or its URL in a remote store")
@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=_positive, help="workers of the new version (default: the archive's serve.min_workers)")
     d.add_argument("--timeout", type=float, default=300, help="seconds for registration and for the workers to be READY (default 300)")
     d.add_argument("--report", type=Path, help="also write the table of what changed as JSON")
-    d.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 7) archives not signed by this EC public key (PEM)")
+    d.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 6) archives not signed by this EC public key (PEM)")
 
     k = sub.add_parser("kserve", help="lay out a store for KServe's TorchServe runtime: config, model-store, InferenceService")
     k.add_argument("out", type=Path, metavar="OUT", help="folder to write config/, model-store/ and inferenceservice.yaml into")
@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--storage-uri", help="where OUT will be uploaded, for the InferenceService (default: pvc://marpipe-models/<OUT name>)")
     k.add_argument("--protocol", choices=("v1", "v2"), default="v1", help="the InferenceService's protocolVersion (default v1)")
     k.add_argument("--vmargs", help="options of TorchServe's JVM, written to config.properties (default none)")
-    k.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 7) archives not signed by this EC public key (PEM)")
+    k.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 6) archives not signed by this EC public key (PEM)")
     return p
 
 

@@ -50,10 +50,9 @@ class PackageError(PipelineError):
     exit_code = 6
 
 
-class SignatureError(PipelineError):
-    """An archive's signature is missing, made with another key, or does not match its bytes (exit 7)."""
-
-    exit_code = 7
+class SignatureError(PackageError):
+    """An archive's signature is missing, made with another key, or does not match its bytes (exit 6, as every
+    archive that fails verification: issue 21's contract)."""
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -70,5 +69,4 @@ EXIT_CODES = {
     4: "export failed",
     5: "parity failed",
     6: "packaging or I/O failed",
-    7: "signature missing or not valid",
 }

@@ -239,7 +239,7 @@ def test_unreachable_missing_or_denied_store_is_exit_6_before_any_build(linear_p
 
 def test_signed_archives_travel_with_their_signatures(linear_project: Project, s3: dict[str, str], tmp_path: Path) -> None:
     """A signed build publishes `<name>.mar.sig` beside the archive; `verify --key` of a URL downloads it; another
-    key publishes a new one; `sign` of a URL uploads one (into a directory archive too); a changed archive is exit 7."""
+    key publishes a new one; `sign` of a URL uploads one (into a directory archive too); a changed archive is exit 6."""
     from test_signing import _key_pair
 
     from pipeline.store import signing
@@ -255,14 +255,14 @@ def test_signed_archives_travel_with_their_signatures(linear_project: Project, s
     assert sorted(_listing("signed")) == ["index.json", "tiny.mar", "tiny.mar.sig"]  # no temporary keys
     entry = json.loads(_fs().cat_file(f"{BUCKET}/signed/index.json"))["archives"][0]
     assert entry["signed"] and entry["signer"] == signing.check_public_key(pub)
-    assert verify(f"{url}/tiny.mar", pub) == 0 and verify(f"{url}/tiny.mar", other_pub) == 7
+    assert verify(f"{url}/tiny.mar", pub) == 0 and verify(f"{url}/tiny.mar", other_pub) == 6
 
     result = marpipe("build", "--store", url, "--sign-key", str(other), str(spec), env=s3, cwd=linear_project.root)
     assert result.returncode == 0 and "1 built" in result.stdout, result.stdout + result.stderr  # published again, signed
     assert verify(f"{url}/tiny.mar", other_pub) == 0 and sorted(_listing("signed")) == ["index.json", "tiny.mar", "tiny.mar.sig"]
 
     _fs().rm_file(f"{BUCKET}/signed/tiny.mar.sig")
-    assert verify(f"{url}/tiny.mar", pub) == 7
+    assert verify(f"{url}/tiny.mar", pub) == 6
     signed = marpipe("sign", f"{url}/tiny.mar", "--key", str(key), env=s3)
     assert signed.returncode == 0 and f"{url}/tiny.mar.sig" in signed.stdout, signed.stdout + signed.stderr
     assert verify(f"{url}/tiny.mar", pub) == 0
@@ -270,7 +270,7 @@ def test_signed_archives_travel_with_their_signatures(linear_project: Project, s
     data = bytearray(_fs().cat_file(f"{BUCKET}/signed/tiny.mar"))
     data[len(data) // 2] ^= 1
     _fs().pipe_file(f"{BUCKET}/signed/tiny.mar", bytes(data))
-    assert verify(f"{url}/tiny.mar", pub) == 7
+    assert verify(f"{url}/tiny.mar", pub) == 6
 
     # a directory archive put there by hand (publishing folders is not what this test is about), signed by URL
     local = tmp_path / "local"
@@ -278,7 +278,7 @@ def test_signed_archives_travel_with_their_signatures(linear_project: Project, s
     assert result.returncode == 0, result.stdout + result.stderr
     _fs().put(str(local / "tiny"), f"{BUCKET}/signed-dir/tiny", recursive=True)
     folder = f"s3://{BUCKET}/signed-dir/tiny"
-    assert verify(folder, pub) == 7
+    assert verify(folder, pub) == 6
     signed = marpipe("sign", folder, "--key", str(key), env=s3)
     assert signed.returncode == 0 and f"{folder}/marpipe.sig" in signed.stdout, signed.stdout + signed.stderr
     assert "marpipe.sig" in _listing("signed-dir/tiny") and verify(folder, pub) == 0

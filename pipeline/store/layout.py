@@ -75,7 +75,7 @@ def sign(path: Path, key: Path) -> None:
 
 
 def check_signatures(paths: Iterable[Path], public_key: Path, doing: str) -> None:
-    """SignatureError (exit 7) naming every archive not signed by the key `public_key`, before anything is `doing`."""
+    """SignatureError (exit 6) naming every archive not signed by the key `public_key`, before anything is `doing`."""
     bad = [f"{p}: {why}" for p in paths if (why := signing.verify(Path(p), public_key))]
     if bad:
         raise SignatureError(f"{'; '.join(bad)}; nothing was {doing}")
