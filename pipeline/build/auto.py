@@ -76,7 +76,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: B
                 lambda: package.run(staged["spec"], draft, best.workdir, staged["sources"], staged["exported"], meta, staged["parity"]),
                 steps.package_detail,
             )
-        report.archive = str(packed.archive)
+        report.archive, report.digest = str(packed.archive), packed.digest
     except PipelineError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         exc.report = report

@@ -199,13 +199,14 @@ def _first_failure(results: dict[int, dict[str, Any]]) -> int:
 def _finish(i: int, result: dict[str, Any], store: stores.Store, results: dict[int, dict[str, Any]], args: argparse.Namespace) -> None:
     """Publish a finished archive (local: enter it in the index; remote: upload), print its error line."""
     result.pop("worker", None)
+    known = result.pop("digest", None)  # computed as the archive was written: the index need not read it again
     if result["status"] == "ok":
         path = Path(result["archive"])
         if isinstance(store, stores.RemoteStore):
             _say(f"{result['name']:<24} publish  {path.stat().st_size / 1e6:.1f} MB to {store.location(path.name)}")
         start = time.perf_counter()
         try:
-            entry = store.publish(path)
+            entry = store.publish(path, known=known)
         except PipelineError as exc:
             result.update(status="failed", exit_code=exc.exit_code, error=str(exc), archive=None)
             result["stages"].append(

@@ -54,7 +54,7 @@ def build(
                 lambda: package.run(spec, draft, workdir, sources, exported, meta, checked),
                 package_detail,
             )
-        report.archive = str(packed.archive)
+        report.archive, report.digest = str(packed.archive), packed.digest
     except PipelineError as exc:
         report.error, report.exit_code = str(exc), exc.exit_code
         exc.report = report  # the CLI's --report keeps each stage's status of a failed build too

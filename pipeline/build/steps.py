@@ -38,6 +38,7 @@ class BuildReport:
     exit_code: int = 0
     parity: dict[str, Any] | None = None
     auto: dict[str, Any] | None = None  # format auto: each candidate's status and latency, and the choice
+    digest: Any = None  # the archive's `archive.Digest`, for the index (not part of the report's JSON)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class BuildReport:
             "parity": self.parity,
             "stages": [vars(s) for s in self.stages],
             **({"auto": self.auto} if self.auto else {}),
+            **({"digest": self.digest._asdict()} if self.digest else {}),
         }
 
 

@@ -38,6 +38,7 @@ class Packaged:
     size: int
     entries: dict[str, str]  # name → sha256
     copied_ahead: str | None = None  # the entry copied into the archive while parity ran
+    digest: archive.Digest | None = None  # the archive's size and sha256, computed as it was written
 
 
 def versions() -> dict[str, str]:
@@ -254,7 +255,7 @@ def run(
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
     _drop_other_layout(draft.target)
-    return Packaged(draft.target, _size(draft.target), entries, draft.copied_ahead)
+    return Packaged(draft.target, _size(draft.target), entries, draft.copied_ahead, draft.digest)
 
 
 def _drop_other_layout(built: Path) -> None:

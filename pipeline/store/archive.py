@@ -17,8 +17,9 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pipeline.digests import CHUNK
 from pipeline.errors import PackageError
@@ -42,6 +43,15 @@ def _info(name: str) -> zipfile.ZipInfo:
     info.create_system = 3
     info.external_attr = 0o100644 << 16
     return info
+
+
+class Digest(NamedTuple):
+    """A finished archive's size and sha256, with the identity (inode, device, size, mtime) of the file they are
+    of: the index takes them as they are while the store's file is still that one."""
+
+    size: int
+    sha256: str
+    identity: tuple[int, int, int, int]
 
 
 class Known(NamedTuple):
@@ -184,6 +194,8 @@ class Draft:
         self.tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
         self.sign_key = sign_key
         self.sig_tmp: Path | None = None  # the signature of the temporary archive, under a temporary name
+        self._prefix: tuple[int, Any] | None = None  # (length, sha256 so far) of the file's first bytes, once copied
+        self.digest: Digest | None = None  # the finished archive's, computed as it was written
         self.ahead: tuple[zipfile.ZipInfo, str] | None = None  # the entry copied ahead, and its sha256
         self._ahead_info: zipfile.ZipInfo | None = None  # its zip entry while it is being copied
         self._locked = contextlib.ExitStack()
@@ -223,6 +235,19 @@ class Draft:
     def _copied(self, name: str, sha256: str) -> None:
         self.ahead = (self._ahead_info, sha256)
 
+    def _hash_ahead(self, head: bytes, src: Path) -> Future | None:
+        """The archive's own sha256 over its first bytes (the entry's header, then the checkpoint, read from the
+        page cache on a thread of its own while the kernel copies it): no pass over the whole archive is then left
+        for the index after `finish`. The bytes are the source's, which the copy checks did not change."""
+
+        def run() -> tuple[int, Any]:
+            h = hashlib.sha256(head)
+            return len(head) + os.path.getsize(src), _sha256_of(src, 0, os.path.getsize(src), h)
+
+        future: Future = Future()
+        threading.Thread(target=lambda: _settle_future(future, run), name="marpipe-archive-hash", daemon=True).start()
+        return future
+
     def _copy(self, name: str, src: Path, known: Known) -> None:
         """The checkpoint, whose digests the load stage computed, copied in the kernel while parity runs."""
         try:
@@ -235,6 +260,7 @@ class Draft:
                 if (st.st_size, st.st_mtime_ns) != known.stat:
                     raise PackageError(f"{src.resolve()} changed while the build was running; build again")
                 head = self._head(name, st.st_size, known)
+                prefix = self._hash_ahead(head, src)  # the archive's sha256 of these bytes, alongside the copy
                 out.write(head)
                 writeback = _Writeback(out.fileno())
                 try:
@@ -247,6 +273,8 @@ class Draft:
                 if not self._stop.is_set():
                     os.fdatasync(out.fileno())  # the bulk reaches the disk now, not in the final fsync
                     self._copied(name, known.sha256)
+                    if prefix is not None:
+                        self._prefix = prefix.result()
         except PackageError as exc:
             self._error = exc
         except OSError as exc:
@@ -288,6 +316,7 @@ class Draft:
                     z.filelist.sort(key=lambda i: order.index(i.filename))  # the directory in name order
                 raw.flush()
                 os.fsync(raw.fileno())
+                self.digest = self._digest(raw.fileno())
             os.chmod(self.tmp, 0o644)
             if self.sign_key is not None:  # the very bytes that are renamed into place next
                 self.sig_tmp = signing.temporary(self.target)
@@ -303,6 +332,14 @@ class Draft:
         except OSError as exc:
             raise _write_error(self.target, exc) from None
         return hashes
+
+    def _digest(self, fd: int) -> Digest:
+        """(size, sha256) of the written archive, and the identity of the file: its first bytes were hashed when
+        they were copied (`_copied`); the rest, a few hundred KB beside a large checkpoint, is read back now."""
+        st = os.fstat(fd)
+        start, h = self._prefix if self._prefix else (0, hashlib.sha256())
+        _sha256_of(self.tmp, start, st.st_size, h)
+        return Digest(st.st_size, h.hexdigest(), (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
 
     def close(self) -> None:
         """Stop a copy still running; without a finished archive, remove the temporary file; release the lock."""
@@ -402,6 +439,25 @@ def _release(path: Path, fd: int) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)  # while still locked: see _acquire
     os.close(fd)  # unlocks
+
+
+def _settle_future(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # raised where the result is read
+        future.set_exception(exc)
+
+
+def _sha256_of(path: Path, start: int, end: int, h: Any = None) -> Any:
+    """`h` (a new sha256 when None) updated with bytes [start, end) of the file at `path`."""
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        buf, left = bytearray(CHUNK), end - start
+        while left > 0 and (n := f.readinto(memoryview(buf)[: min(CHUNK, left)])):
+            h.update(memoryview(buf)[:n])
+            left -= n
+    return h
 
 
 def mar_digest(path: Path) -> tuple[int, str]:

@@ -54,6 +54,9 @@ class DirDraft(archive.Draft):
     def _copied(self, name: str, sha256: str) -> None:
         self.ahead_dir = (name, sha256)
 
+    def _hash_ahead(self, head: bytes, src: Path) -> None:
+        return None  # a folder's digest comes from its files' sha256s (`_digest`)
+
     @property
     def copied_ahead(self) -> str | None:
         return self.ahead_dir[0] if self.ahead_dir else None
@@ -81,6 +84,7 @@ class DirDraft(archive.Draft):
             _settle(self.tmp)
             put_in_place(self.tmp, self.target)
             self._done = True
+            self.digest = _digest(self.target, hashes)  # under the archive's lock: the folder is still ours
         except OSError as exc:
             raise archive._write_error(self.target, exc) from None
         return hashes
@@ -241,6 +245,14 @@ def verify(folder: Path) -> list[str]:
         return got
 
     return faults + archive.content_faults(set(names), read, sha256)
+
+
+def _digest(folder: Path, hashes: dict[str, str]) -> archive.Digest:
+    """`tree_digest` of a folder just written, from the sha256 of each file computed as it was written."""
+    lines = "".join(f"{hashes[name]}  {name}\n" for name in sorted(hashes))
+    size = sum((folder / name).stat().st_size for name in hashes)
+    st = folder.stat()
+    return archive.Digest(size, hashlib.sha256(lines.encode()).hexdigest(), (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
 
 
 def tree_digest(folder: Path) -> tuple[int, str]:

@@ -50,11 +50,16 @@ def metadata(path: Path) -> dict[str, Any]:
         raise PackageError(f"{path}: cannot read {archive.METADATA} ({exc}); rebuild it or remove it from the store") from None
 
 
-def entry(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The index entry of one archive (its digest is computed here). `signed`: a signature lies with it; `signer`:
-    the fingerprint of the key it names (sha256 of the public key's PEM; read, not checked: `marpipe verify --key`)."""
+def entry(path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The index entry of one archive. Its digest is `known` (an `archive.Digest` as a dict, computed as the
+    archive was written) while the file at `path` is still the one it was computed of, else read here.
+    `signed`: a signature lies with it; `signer`: the fingerprint of the key it names (sha256 of the public key's
+    PEM; read, not checked: `marpipe verify --key`)."""
     meta = meta if meta is not None else metadata(path)
-    size, sha256 = layout.digest(path)
+    if known and tuple(known["identity"]) == identity(path):
+        size, sha256 = known["size"], known["sha256"]
+    else:
+        size, sha256 = layout.digest(path)
     signature = signing.signature_path(path)
     outputs = (meta.get("parity") or {}).get("outputs") or {}
     return {
@@ -104,10 +109,12 @@ def identity(path: Path) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
 
-def stamped(path: Path, meta: dict[str, Any] | None = None) -> tuple[Path, tuple[int, int, int, int], dict[str, Any]]:
+def stamped(
+    path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] | None = None
+) -> tuple[Path, tuple[int, int, int, int], dict[str, Any]]:
     """An archive's entry with the identity of the file it was computed from (for `update`)."""
     before = identity(path)
-    return path, before, entry(path, meta)
+    return path, before, entry(path, meta, known)
 
 
 def update(store: Path, new: list[tuple[Path, tuple[int, int, int, int], dict[str, Any]]]) -> None:

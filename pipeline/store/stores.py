@@ -59,9 +59,10 @@ class Store:
         key (a pass over the checkpoint) waits until the load stage has hashed it anyway."""
         raise NotImplementedError
 
-    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    def publish(self, path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make the archive at `path` (under `local`) the store's, and enter it in the index (`meta`: its
-        marpipe.json when already read). Returns its index entry."""
+        marpipe.json when already read; `known`: its `archive.Digest` as a dict, computed as it was written).
+        Returns its index entry."""
         raise NotImplementedError
 
     def regenerate(self) -> dict[str, Any]:
@@ -127,8 +128,8 @@ class LocalStore(Store):
             layout.sign(path, sign_key)
         return self.publish(path, meta)  # the index names it even if it did not before
 
-    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        stamped = index.stamped(path, meta)
+    def publish(self, path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        stamped = index.stamped(path, meta, known)
         index.update(self.root, [stamped])
         return stamped[2]
 
@@ -258,8 +259,8 @@ class RemoteStore(Store):
                 size += len(chunk)
         return size, h.hexdigest()
 
-    def publish(self, path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        entry = index.entry(path, meta)
+    def publish(self, path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry = index.entry(path, meta, known)
         file = path.name
         final, tmp = self._key(file), self._key(f".{file}.{uuid.uuid4().hex}.tmp")
         with self._io(f"uploading {file}"):
