@@ -122,6 +122,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", type=_positive, default=2, help="versions kept registered per model, the default among them (default 2)")
     d.add_argument("--workers", type=_positive, help="workers of the new version (default: the archive's serve.min_workers)")
     d.add_argument("--timeout", type=float, default=300, help="seconds for registration and for the workers to be READY (default 300)")
+    d.add_argument(
+        "--drain-timeout", type=float, default=60, help="seconds for an old version to answer its queue before unregistering (default 60)"
+    )
     d.add_argument("--report", type=Path, help="also write the table of what changed as JSON")
     d.add_argument("--verify-key", type=Path, metavar="PUB", help="refuse (exit 6) archives not signed by this EC public key (PEM)")
 
@@ -273,7 +276,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         layout.check_signatures(args.archives, args.verify_key, "copied or registered")
     client = Client.from_key_file(args.management, args.inference, args.token_file)
     target = FolderTarget(args.model_store) if args.model_store else UrlTarget(args.url_base)
-    return deploy(args.archives, client, target, Options(args.workers, args.timeout, args.keep), args.report)
+    return deploy(args.archives, client, target, Options(args.workers, args.timeout, args.keep, args.drain_timeout), args.report)
 
 
 def cmd_kserve(args: argparse.Namespace) -> int:

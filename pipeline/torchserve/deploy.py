@@ -5,8 +5,9 @@ For each archive: place it where the server finds it under a unique versioned na
 version (`POST /models?url=…&initial_workers=N&synchronous=true`), wait until its workers are READY, replay
 the archive's stored parity inputs through `/predictions/{name}/{version}` and compare the answers with its
 stored eager outputs within its own tolerances, and only then `PUT /models/{name}/{version}/set-default`;
-then unregister the versions beyond the newest `keep`. Any failure rolls back: the new version is
-unregistered and its file removed, the default and the other versions keep serving.
+then unregister the versions beyond the newest `keep`, each drained first (`drain.py`: nothing queued to it or
+running on it is lost). Any failure rolls back: the new version is drained, unregistered and its file removed,
+the default and the other versions keep serving.
 
 Two ways to reach the server's model store: a folder it reads (`--model-store`, its own), or URLs it
 downloads archives from (`--url-base`; TorchServe stores the download under the URL's file name and deletes
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PackageError, ParityError, PipelineError
+from pipeline.torchserve.drain import drain
 from pipeline.torchserve.placement import Archive, FolderTarget, Placement, UrlTarget, read_archive
 from pipeline.torchserve.server import Client
 
@@ -46,6 +48,7 @@ class Options:
     workers: int | None = None
     timeout: float = 300
     keep: int = 2
+    drain_timeout: float = 60
 
 
 def _say(message: str) -> None:
@@ -85,7 +88,12 @@ class Deployer:
             raise PackageError(f"GET /models/{name}/all: HTTP {code}: {_text(body)}")
         return default, json.loads(body)
 
-    def _unregister(self, name: str, version: str) -> tuple[bool, str]:
+    def _unregister(self, name: str, version: str, since: float | None = None) -> tuple[bool, str]:
+        """Drain the version (`since`: when requests stopped being routed to it; default now), then unregister it."""
+        drained = drain(self._call, name, version, time.monotonic() if since is None else since, self.opts.drain_timeout)
+        if not drained.ok:
+            return False, f"not drained within --drain-timeout {self.opts.drain_timeout:g} s ({drained.why}); left registered"
+        _say(f"{name} {version}: drained ({drained.note()})")
         code, body = self._call("DELETE", f"/models/{_q(name)}/{_q(version)}", timeout=self.opts.timeout)
         return code in (200, 404), f"HTTP {code}: {_text(body)}"
 
@@ -122,6 +130,7 @@ class Deployer:
             self._wait_ready(a)
             worst = self._replay(a)
             code, body = self._call("PUT", f"/models/{_q(a.name)}/{_q(a.version)}/set-default")
+            switched = time.monotonic()  # from here no request is routed to the old default
             if code != 200:
                 raise PackageError(f"set-default {a.name} {a.version}: HTTP {code}: {_text(body)}")
         except PipelineError as exc:
@@ -133,7 +142,7 @@ class Deployer:
         was = f" (was {default['modelVersion']})" if default else ""
         self.rows.append(Row(a.name, a.version, "deployed", a.file_name, f"default{was}; live check max abs err {worst:.3g}"))
         _say(f"{a.name} {a.version}: default{was}")
-        self._prune(a, default)
+        self._prune(a, default, switched)
 
     def _register(self, a: Archive, place: Placement) -> None:
         expected = self._expected_workers(a)
@@ -218,8 +227,9 @@ class Deployer:
         kept = f"default stays {default['modelVersion']}" if default else "no default before"
         return "rolled back: " + ", ".join([*done, kept])
 
-    def _prune(self, a: Archive, previous: dict | None) -> None:
-        """Unregister versions beyond the newest `keep`: the new default, the previous one, then by version."""
+    def _prune(self, a: Archive, previous: dict | None, switched: float) -> None:
+        """Unregister versions beyond the newest `keep`: the new default, the previous one, then by version; each
+        drained first (the previous default from the switch on)."""
         _, versions = self.versions(a.name)
         first = [a.version] + ([previous["modelVersion"]] if previous else [])
         rest = sorted((v["modelVersion"] for v in versions if v["modelVersion"] not in first), key=version_key, reverse=True)
@@ -227,10 +237,11 @@ class Deployer:
         urls = {v["modelVersion"]: v["modelUrl"] for v in versions}
         failed = []
         for version in order[max(1, self.opts.keep) :]:
-            ok, detail = self._unregister(a.name, version)
+            since = switched if previous and version == previous["modelVersion"] else None
+            ok, detail = self._unregister(a.name, version, since)
             if not ok:
                 failed.append(f"{version}: {detail}")
-                self.rows.append(Row(a.name, version, "failed", _base(urls[version]), f"unregister refused: {detail}", 6))
+                self.rows.append(Row(a.name, version, "failed", _base(urls[version]), f"not unregistered: {detail}", 6))
                 continue
             removed = _ours(a.name, version, urls[version]) and self.target.remove(urls[version])
             note = f"beyond --keep {self.opts.keep}" + ("; file removed" if removed else "")

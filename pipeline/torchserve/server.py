@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.errors import PackageError, SpecError
 from pipeline.store.layout import list_archives, read_entry
 from pipeline.torchserve.limits import DEFAULT_MAX_RESPONSE_SIZE, max_response_size, size_settings
+from pipeline.torchserve.workdir import claim
 
 
 @dataclass
@@ -239,6 +240,8 @@ def start(
     models = {archive_model_name(a): a.name for a in archives}
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="marpipe-ts-")) if own else workdir.resolve()
+    if not own:  # a reused workdir: an earlier run's server and logs are not this run's
+        claim(workdir, host, [] if port is None else [port, port + 1, port + 2])
     for sub in ("logs", "tmp"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     (workdir / "key_file.json").unlink(missing_ok=True)
