@@ -25,8 +25,12 @@ class ImageSpec:
     resize: int | None = None
     crop: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    processor: dict[str, Any] | None = None  # a Hugging Face image processor's steps (pipeline/spec/processor.py)
+    processor_file: Path | None = None
 
     def record(self) -> dict[str, Any]:
+        if self.processor is not None:
+            return {"mode": self.mode, "processor": self.processor, "max_pixels": self.max_pixels}
         return {
             "mode": self.mode,
             "resize": self.resize,
@@ -46,7 +50,9 @@ class TextSpec:
 
 
 def image(r: Reader, value: Any, where: str, shape: tuple[int | str, ...], dtype: str) -> ImageSpec:
-    m = r.mapping(value, where, ("resize", "crop", "mean", "std", "mode", "max_pixels"))
+    m = r.mapping(value, where, ("resize", "crop", "mean", "std", "mode", "max_pixels", "processor"))
+    if m.get("processor") is not None:
+        return _processed(r, m, where, shape, dtype)
     mode = r.choice(m.get("mode", "RGB"), f"{where}.mode", tuple(IMAGE_MODES))
     channels = IMAGE_MODES[mode]
     if dtype not in ("float32", "float64", "float16", "bfloat16"):
@@ -80,6 +86,25 @@ def image(r: Reader, value: Any, where: str, shape: tuple[int | str, ...], dtype
         raise r.fail(f"{where}.crop", f"resize without crop gives a square only from a square image; add crop: {min(height, width)}")
     max_pixels = r.int_(m.get("max_pixels", DEFAULT_MAX_PIXELS), f"{where}.max_pixels", minimum=1)
     return ImageSpec(mean=stats["mean"], std=stats["std"], mode=mode, resize=resize, crop=crop, max_pixels=max_pixels)
+
+
+def _processed(r: Reader, m: dict[str, Any], where: str, shape: tuple[int | str, ...], dtype: str) -> ImageSpec:
+    """`image: {processor: PATH}`: a Hugging Face image processor does every step; nothing else but max_pixels."""
+    from pipeline.spec import processor
+
+    others = sorted(set(m) - {"processor", "max_pixels"})
+    if others:
+        raise r.fail(f"{where}.{others[0]}", "the processor decides the image's steps: give processor (and max_pixels) only")
+    path, steps = processor.read(r, m["processor"], f"{where}.processor")
+    if dtype not in ("float32", "float64", "float16", "bfloat16"):
+        raise r.fail(where, f"an image input must have a floating-point dtype, not {dtype}")
+    size = processor.output_size(steps)
+    if size is None:
+        raise r.fail(f"{where}.processor", f"{path.name}: the processed size depends on the image (no crop): the input needs fixed sizes")
+    if len(shape) != 4 or list(shape[1:]) != [3, *size]:
+        raise r.fail(f"{where}.processor", f"{path.name} makes [3, {size[0]}, {size[1]}] images, the input is declared {list(shape)}")
+    max_pixels = r.int_(m.get("max_pixels", DEFAULT_MAX_PIXELS), f"{where}.max_pixels", minimum=1)
+    return ImageSpec(mean=(), std=(), max_pixels=max_pixels, processor=steps, processor_file=path)
 
 
 def text(r: Reader, value: Any, inputs: tuple[Any, ...], dim_max: dict[str, int]) -> TextSpec | None:
