@@ -89,7 +89,7 @@ def read(r: Reader, value: Any, where: str) -> tuple[Path, dict[str, Any]]:
         if key in TYPES[kind]:
             continue
         if key not in INERT or (INERT[key] and value not in INERT[key]):
-            raise r.fail(f"{where}: {path.name}: {key}", f"{value!r} is not reproduced by marpipe's handler; remove it, or use a decode hook")
+            raise r.fail(f"{where}: {path.name}: {key}", f"{value!r} is not reproduced by the handler; remove it, or use a decode hook")
     f = {**TYPES[kind], **{k: v for k, v in doc.items() if k in TYPES[kind]}}
     return path, _steps(r, f"{where}: {path.name}", kind, f)
 
@@ -133,7 +133,8 @@ def _size(r: Reader, where: str, value: Any, square: bool) -> dict[str, int]:
         given = {k for k, v in value.items() if v is not None}
         if given in forms and all(isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] > 0 for k in given):
             return {k: int(value[k]) for k in sorted(given)}
-    raise r.fail(where, f"{value!r} is not reproduced; marpipe takes {{height, width}}, {{shortest_edge}} or {{shortest_edge, longest_edge}}")
+    forms_text = "{height, width}, {shortest_edge} or {shortest_edge, longest_edge}"
+    raise r.fail(where, f"{value!r} is not reproduced; marpipe takes {forms_text}")
 
 
 def output_size(steps: dict[str, Any]) -> tuple[int, int] | None:
