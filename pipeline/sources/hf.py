@@ -106,3 +106,28 @@ def reference_model(folder: Path, cls: type, config: Any, dtype: Any) -> Any:
             str(folder), config=config, attn_implementation=architectures.ATTN_IMPLEMENTATION, dtype=dtype, local_files_only=True
         )
     return model.eval().requires_grad_(False)
+
+
+def fast_tokenizer(folder: Path) -> tuple[str, dict[str, Any]]:
+    """A tokenizer folder (tokenizer.json with tokenizer_config.json) as transformers' fast tokenizer loads it:
+    (its tokenizers JSON, as transformers set it up: special tokens, post-processor; and the settings the handler
+    applies around it: pad_id, padding_side, truncation_side, model_max_length). SpecError when it does not load."""
+    try:
+        with architectures.offline():
+            import transformers
+
+            quiet(transformers)
+            tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise SpecError(f"text.tokenizer: {folder}: transformers cannot load it: {type(exc).__name__}: {first_line(exc)}") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise SpecError(f"text.tokenizer: {folder}: {type(tok).__name__} is not a fast tokenizer (no tokenizer.json)")
+    settings = {
+        "pad_id": tok.pad_token_id,
+        "padding_side": tok.padding_side,
+        "truncation_side": tok.truncation_side,
+        "model_max_length": tok.model_max_length if tok.model_max_length < 1_000_000 else None,
+        "fields": [n for n in tok.model_input_names if n in ("input_ids", "attention_mask", "token_type_ids")],
+    }
+    return backend.to_str(), settings

@@ -45,8 +45,12 @@ class ImageSpec:
 class TextSpec:
     """Text requests tokenized with a Hugging Face `tokenizers` file into input_ids (and mask, type ids)."""
 
-    tokenizer: Path
-    max_length: int = 128
+    tokenizer: Path  # a tokenizer.json, or a folder with tokenizer.json and tokenizer_config.json (transformers loads it)
+    max_length: int | None = 128  # None: a folder's model_max_length (128 where it has none)
+
+    @property
+    def folder(self) -> bool:
+        return self.tokenizer.is_dir()
 
 
 def image(r: Reader, value: Any, where: str, shape: tuple[int | str, ...], dtype: str) -> ImageSpec:
@@ -113,10 +117,17 @@ def text(r: Reader, value: Any, inputs: tuple[Any, ...], dim_max: dict[str, int]
     if value is None:
         return None
     m = r.mapping(value, "text", ("tokenizer", "max_length"), ("tokenizer",))
-    tokenizer = r.file(m["tokenizer"], "text.tokenizer")
-    if tokenizer.suffix != ".json":
-        raise r.fail("text.tokenizer", f"expected a Hugging Face tokenizers file (tokenizer.json), got {m['tokenizer']}")
-    max_length = r.int_(m.get("max_length", 128), "text.max_length", minimum=1)
+    given = (r.base / r.str_(m["tokenizer"], "text.tokenizer")).resolve()
+    if given.is_dir():
+        if not (given / "tokenizer.json").is_file():
+            raise r.fail("text.tokenizer", f"{m['tokenizer']}: a folder without tokenizer.json (transformers' fast tokenizer)")
+        tokenizer = given
+    else:
+        tokenizer = r.file(m["tokenizer"], "text.tokenizer")
+        if tokenizer.suffix != ".json":
+            raise r.fail("text.tokenizer", f"expected a Hugging Face tokenizers file (tokenizer.json) or its folder, got {m['tokenizer']}")
+    given_length = m.get("max_length", None if tokenizer.is_dir() else 128)
+    max_length = None if given_length is None else r.int_(given_length, "text.max_length", minimum=1)
     by_name = {t.name: t for t in inputs}
     ids = by_name.get("input_ids")
     if ids is None:
@@ -132,7 +143,7 @@ def text(r: Reader, value: Any, inputs: tuple[Any, ...], dim_max: dict[str, int]
         if t.dtype not in ("int64", "int32", "int16", "uint8", "int8", "bool") and name != "attention_mask":
             raise r.fail("text", f"{name} must be an integer input, got {t.dtype}")
     limit = dim_max.get(str(ids.shape[1]))
-    if limit is not None and max_length > limit:
+    if limit is not None and max_length is not None and max_length > limit:
         raise r.fail("text.max_length", f"{max_length} is over dims.{ids.shape[1]}.max ({limit}): a long text would be refused")
     return TextSpec(tokenizer=tokenizer, max_length=max_length)
 

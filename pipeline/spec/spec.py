@@ -47,6 +47,7 @@ class OutputSpec:
     atol: float | None = None
     rtol: float | None = None
     labels: OutputLabels | None = None  # answered as labels with scores
+    select: str | None = None  # "last": each row's value at its last real token (handlers/marpipe_serving/rows.py)
 
 
 @dataclass(frozen=True)
@@ -291,13 +292,14 @@ def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
     out: list[OutputSpec] = []
     for i, item in enumerate(items):
         where = f"outputs[{i}]"
-        m = r.mapping(item, where, ("name", "atol", "rtol", "labels", "topk", "activation"), ("name",))
+        m = r.mapping(item, where, ("name", "atol", "rtol", "labels", "topk", "activation", "select"), ("name",))
         name = r.str_(m["name"], f"{where}.name")
         if any(o.name == name for o in out):
             raise r.fail(f"{where}.name", f"duplicate output name {name!r}")
         atol = None if m.get("atol") is None else r.float_(m["atol"], f"{where}.atol")
         rtol = None if m.get("rtol") is None else r.float_(m["rtol"], f"{where}.rtol")
-        out.append(OutputSpec(name=name, atol=atol, rtol=rtol, labels=requests.output_labels(r, m, where)))
+        select = None if m.get("select") is None else r.choice(m["select"], f"{where}.select", ("last",))
+        out.append(OutputSpec(name=name, atol=atol, rtol=rtol, labels=requests.output_labels(r, m, where), select=select))
     return tuple(out) or None
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers.marpipe_serving import rows
+from handlers.marpipe_serving.rows import per_row, select_last
 from pipeline.errors import ParityError, SpecError, first_line
 from pipeline.spec.spec import Spec
 from pipeline.stages import inputs, reference, samples
@@ -125,7 +127,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             more = f" (+{len(eager) - 1} more)" if len(eager) > 1 else ""
             raise ParityError(f"{spec.name}: parity.reference {ref.path.name} vs the eager model: {eager[0]}{more}")
     with one_thread():  # their answers are stored in the archive
-        raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name)
+        raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name, output_shapes([(d, e) for _, d, _, e in cases]))
     _check_labels(spec, meta, cases[0][3])
     del model
     if release:
@@ -152,7 +154,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
         for n in names:
             _compare(records[n], expected[n], got.get(n), label)
         if i == stored:
-            ref_in, ref_out = arrays, expected
+            ref_in, ref_out = arrays, select_last(expected, arrays, rows.selected(meta))  # as the server answers
     if ref is not None:
         for failure in reference.check_rows(spec, ref, runner, f"the {spec.export.format} model"):
             name = failure.split(" ", 1)[0]
@@ -170,6 +172,7 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     if failed:
         raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
     named = output_shapes([(dims, expected) for _, dims, _, expected in cases if dims is not None])
+    _check_select(spec, named)
     result = ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
     result.reference = ref.record() if ref is not None else None
     result.from_pretrained = checked
@@ -216,8 +219,11 @@ def one_thread(active: bool = True) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str, by_name: bool) -> list[samples.Sample]:
-    """Sample raw requests decoded as the handler decodes them, with the eager model's answers."""
+def _raw_samples(
+    spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str, by_name: bool, shapes: dict
+) -> list[samples.Sample]:
+    """Sample raw requests decoded as the handler decodes them, with the eager model's answers (and the JSON answers
+    the handler gives: `select: last` applied, texts' per-token outputs trimmed row by row)."""
     if not samples.needed(spec):
         return []
     import torch
@@ -227,12 +233,29 @@ def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], de
 
     contract = Contract(meta, str(workdir))
     names = [o["name"] for o in meta["outputs"]]
+    selected = rows.selected(meta)
+    pad = contract.pad_dim
+    per_token = [n for n, shape in shapes.items() if n not in selected and n not in contract.labels and pad and shape[1:2] == [pad]]
     made = samples.make(spec, contract)
     for s in made:
         tensors = {t.name: torch.from_numpy(s.arrays[t.name]).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
         s.expected = name_outputs(run_eager(spec, model, tensors, by_name), names)
-        s.answer = samples.answer(s.expected, contract)
+        chosen = select_last(s.expected, s.arrays, selected)
+        s.stored = chosen if chosen is not s.expected else None
+        s.answer = samples.answer(per_row(chosen, s.arrays, per_token), contract)
     return made
+
+
+def _check_select(spec: Spec, shapes: dict[str, list[int | str]]) -> None:
+    """`select: last` takes the axis after the batch: it must follow a dynamic dim of the inputs (the tokens)."""
+    dims = set(spec.dims)
+    for i, o in enumerate(spec.outputs or ()):
+        shape = shapes.get(o.name) or []
+        if o.select and (len(shape) < 2 or shape[1] not in dims):
+            raise SpecError(
+                f"{spec.source}: outputs[{i}].select: last takes each row's last token along the output's second axis, but "
+                f"{o.name} has the shape {shape}, whose second axis follows no dynamic input dim ({', '.join(sorted(dims)) or 'none'})"
+            )
 
 
 def _check_labels(spec: Spec, meta: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
