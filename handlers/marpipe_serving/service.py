@@ -39,8 +39,6 @@ class Service:
         check_requirements(self.meta)  # Pillow, tokenizers, the architecture's packages: named, not an ImportError
         self.contract = Contract(self.meta, model_dir)
         self.runner, threads, why = serving_runner(model_dir, self.meta, device, gpu_id)
-        self.selected = rows.selected(self.meta)  # outputs answered at each row's last real token
-        self._encode_hook = self.contract.hooks is not None and hasattr(self.contract.hooks, "encode")
         log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], self.meta["format"], device, threads, why)
 
     def handle(self, data: list, context: Any) -> list:
@@ -63,7 +61,7 @@ class Service:
             outputs = self.runner(batch)
             counts = [len(next(iter(requests[i].arrays.values()))) for i in group]
             own = np.repeat(widths, counts) if self.contract.pad_dim else None
-            outputs = rows.select_last(outputs, batch, self.selected, own)
+            outputs = rows.select_last(outputs, batch, rows.selected(self.meta), own)  # select: last
         except Exception as exc:
             if len(group) > 1:  # find the request that broke it; the others still get answers
                 for i in group:
@@ -86,7 +84,8 @@ class Service:
                     part = part[(slice(None),) * axis + (keep,)]
                 mine[name] = part
             start += count
-            if request.v2 is None and not request.npz and (request.raw or not self._encode_hook):
+            encode_hook = self.contract.hooks is not None and hasattr(self.contract.hooks, "encode")
+            if request.v2 is None and not request.npz and (request.raw or not encode_hook):
                 per_token = [n for n, axes in trim.items() if axes == [1] and (request.raw or n not in self.contract.labels)]
                 mine = rows_of(mine, request.arrays, per_token)
             try:
@@ -107,7 +106,7 @@ class Service:
         dim = self.contract.pad_dim
         if dim is None:
             return {}
-        selected = set(self.selected)  # their token axis is gone
+        selected = set(rows.selected(self.meta))  # their token axis is gone
         return {
             o["name"]: [a for a, d in enumerate(o.get("shape") or []) if d == dim]
             for o in self.meta["outputs"]
