@@ -15,6 +15,7 @@ from . import images
 from .bodies import parse_json_or_npz
 from .errors import BadRequest
 from .models import np_dtype
+from .rows import TextArrays
 
 TEXT_KEY = "text"  # the JSON key (and multipart part) that carries text for a text model
 MAX_RESPONSE = 6_553_500  # TorchServe's default max_response_size: for archives that do not record serve.max_response_bytes
@@ -105,7 +106,8 @@ class Contract:
         `numeric`: the caller knows the values hold only numbers and booleans (no strings, no nulls), so a float
         input's nested lists may be converted with their dtype given (twice as fast on an image)."""
         payload = dict(payload)
-        if self.text and TEXT_KEY in payload and TEXT_KEY not in self.by_name:
+        from_text = bool(self.text) and TEXT_KEY in payload and TEXT_KEY not in self.by_name
+        if from_text:
             given = sorted(set(payload) & set(self.text.fields))
             if given:
                 raise BadRequest(f"send either text or {', '.join(given)}, not both")
@@ -128,7 +130,7 @@ class Contract:
         for dim, limit in self.dim_max.items():
             if sizes.get(dim, 0) > limit:
                 raise BadRequest(f"dimension {dim} is {sizes[dim]}, at most {limit} are allowed (dims.{dim}.max)")
-        return arrays
+        return TextArrays(arrays) if from_text else arrays
 
     def _b64_images(self, t: dict, value: Any) -> Any:
         """``{"b64": ...}`` or a list of them: decoded and preprocessed rows; anything else is a tensor."""

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from . import codecs
+from . import codecs, rows
 from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, serving_runner
 from .requirements import check as check_requirements
+from .rows import per_row as rows_of
 
 log = logging.getLogger("marpipe_handler")
 
@@ -58,6 +59,9 @@ class Service:
         batch, widths = concat([requests[i].arrays for i in group], self.contract)
         try:
             outputs = self.runner(batch)
+            counts = [len(next(iter(requests[i].arrays.values()))) for i in group]
+            own = np.repeat(widths, counts) if self.contract.pad_dim else None
+            outputs = rows.select_last(outputs, batch, rows.selected(self.meta), own)  # select: last
         except Exception as exc:
             if len(group) > 1:  # find the request that broke it; the others still get answers
                 for i in group:
@@ -67,17 +71,23 @@ class Service:
             results[group[0]] = error(context, group[0], 500, f"inference failed: {type(exc).__name__}: {exc}")
             return
         trim = self._padded_axes()
+        left = self.contract.text is not None and self.contract.text.left
         start = 0
         for i, width in zip(group, widths):
             request = requests[i]
-            rows = len(next(iter(request.arrays.values())))
+            count = len(next(iter(request.arrays.values())))
             mine = {}
             for name, value in outputs.items():
-                part = value[start : start + rows]
+                part = value[start : start + count]
                 for axis in trim.get(name, ()):
-                    part = part[(slice(None),) * axis + (slice(0, width),)]
+                    keep = slice(part.shape[axis] - width, None) if left else slice(0, width)  # left padding: the last columns
+                    part = part[(slice(None),) * axis + (keep,)]
                 mine[name] = part
-            start += rows
+            start += count
+            encode_hook = self.contract.hooks is not None and hasattr(self.contract.hooks, "encode")
+            if request.v2 is None and not request.npz and (request.raw or not encode_hook):
+                per_token = [n for n, axes in trim.items() if axes == [1] and (request.raw or n not in self.contract.labels)]
+                mine = rows_of(mine, request.arrays, per_token)
             try:
                 body, ctype = codecs.encode(mine, request, self.contract)
             except Exception as exc:  # a user encode hook, or an output JSON cannot hold: this request alone
@@ -96,7 +106,12 @@ class Service:
         dim = self.contract.pad_dim
         if dim is None:
             return {}
-        return {o["name"]: [a for a, d in enumerate(o.get("shape") or []) if d == dim] for o in self.meta["outputs"]}
+        selected = set(rows.selected(self.meta))  # their token axis is gone
+        return {
+            o["name"]: [a for a, d in enumerate(o.get("shape") or []) if d == dim]
+            for o in self.meta["outputs"]
+            if o["name"] not in selected
+        }
 
 
 def error(context: Any, idx: int, status: int, message: str) -> str:
@@ -131,7 +146,7 @@ def concat(arrays: list[dict[str, np.ndarray]], contract: Contract) -> tuple[dic
         axes = [k for k, d in enumerate(t["shape"]) if d == pad_dim]
         for axis in axes:
             widths = [p.shape[axis] for p in parts]
-            parts = pad(parts, axis, contract.pad_value(t["name"]))
+            parts = pad(parts, axis, contract.pad_value(t["name"]), left=contract.text is not None and contract.text.left)
         batch[t["name"]] = np.concatenate(parts)  # a copy even of one: npz inputs are read-only views of the body
     return batch, widths
 

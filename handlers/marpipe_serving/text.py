@@ -26,9 +26,10 @@ class TextCodec:
         except ImportError:
             raise ImportError("this archive's text inputs need the tokenizers package: pip install tokenizers") from None
         self.tokenizer = Tokenizer.from_file(os.path.join(model_dir, text["tokenizer"]))
-        pad = pad_id(self.tokenizer)  # before its own padding setting is switched off: batches are padded here
+        pad = pad_id(self.tokenizer) if text.get("pad_id") is None else int(text["pad_id"])  # before its padding is switched off
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(int(text["max_length"]))
+        self.tokenizer.enable_truncation(int(text["max_length"]), direction=text.get("truncation_side") or "right")
+        self.left = text.get("padding_side") == "left"  # a folder's tokenizer_config.json says where padding goes
         self.max_length = int(text["max_length"])
         declared = {t["name"]: t for t in inputs}
         self.fields = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in declared]
@@ -55,7 +56,10 @@ class TextCodec:
             rows = np.full((len(texts), width), self.pad_values[name], dtype=np.int64)
             for i, e in enumerate(encodings):
                 values = e.ids if name == "input_ids" else e.attention_mask if name == "attention_mask" else e.type_ids
-                rows[i, : len(values)] = values
+                if self.left:
+                    rows[i, width - len(values) :] = values
+                else:
+                    rows[i, : len(values)] = values
             out[name] = rows
         return out
 
@@ -72,8 +76,8 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad(arrays: list[np.ndarray], axis: int, value: int | float) -> list[np.ndarray]:
-    """Pad each array along `axis` to the longest of them with `value`."""
+def pad(arrays: list[np.ndarray], axis: int, value: int | float, left: bool = False) -> list[np.ndarray]:
+    """Pad each array along `axis` to the longest of them with `value` (before the values with `left`)."""
     width = max(a.shape[axis] for a in arrays)
     out = []
     for a in arrays:
@@ -81,6 +85,6 @@ def pad(arrays: list[np.ndarray], axis: int, value: int | float) -> list[np.ndar
             out.append(a)
             continue
         spec = [(0, 0)] * a.ndim
-        spec[axis] = (0, width - a.shape[axis])
+        spec[axis] = (width - a.shape[axis], 0) if left else (0, width - a.shape[axis])
         out.append(np.pad(a, spec, constant_values=value))
     return out

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.build import auto
+from pipeline.build import auto, steps
 from pipeline.build.steps import BuildKey, BuildReport, clean_stale_workdirs, load_detail, package_detail, record_key, timed
 from pipeline.errors import PipelineError
 from pipeline.spec.spec import AUTO, Spec
@@ -45,7 +45,7 @@ def build(
                 report,
                 "parity",
                 lambda: parity.run(spec, loaded, workdir, meta, dev, release=True),
-                lambda p: f"{dev}, {len(p.shapes)} shapes × {p.samples} samples",
+                steps.parity_detail(dev),
             )
             report.parity = checked.record()
             packed = timed(

@@ -98,6 +98,18 @@ def clean_stale_workdirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def parity_detail(device: str) -> Callable[[Any], str]:
+    """The parity stage's line: the device, the generated runs, and the references checked besides."""
+
+    def detail(p: Any) -> str:
+        extra = ", from_pretrained reference" if p.from_pretrained else ""
+        if p.reference:
+            extra += f", {p.reference['rows']} rows of {p.reference['file']}"
+        return f"{device}, {len(p.shapes)} shapes × {p.samples} samples{extra}"
+
+    return detail
+
+
 def package_detail(p: Any) -> str:
     ahead = f", {p.copied_ahead} copied during parity" if p.copied_ahead else ""
     return f"{p.archive} ({p.size / 1e6:.1f} MB, {len(p.entries)} entries{ahead})"
@@ -116,5 +128,9 @@ def load_detail(loaded: Any) -> str:
         parts.append(f"ignored extras ({', '.join(ck.ignored_extras[:3])})")
     if loaded.tied:
         parts.append(f"{len(loaded.tied)} tied keys")
+    if loaded.converted:
+        parts.append(f"{loaded.converted} keys renamed by transformers")
+    if loaded.source is not None and loaded.source.cache_off:
+        parts.append("use_cache=False (the forward's cache is no answer)")
     parts.append("inputs by keyword" if loaded.by_name else "inputs by position")
     return ", ".join(parts)

@@ -21,6 +21,7 @@ class ModelSource:
     imports: ImportTracker
     field: str  # the spec field to blame when construction fails
     config: Any = None  # transformers: the config, overrides applied (it goes into the archive as config.json)
+    cache_off: bool = False  # transformers: use_cache was set to False (the forward would return a cache)
 
     def requirements(self) -> list[dict[str, str]]:
         return self.imports.requirements()

@@ -25,8 +25,12 @@ class ImageSpec:
     resize: int | None = None
     crop: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    processor: dict[str, Any] | None = None  # a Hugging Face image processor's steps (pipeline/spec/processor.py)
+    processor_file: Path | None = None
 
     def record(self) -> dict[str, Any]:
+        if self.processor is not None:
+            return {"mode": self.mode, "processor": self.processor, "max_pixels": self.max_pixels}
         return {
             "mode": self.mode,
             "resize": self.resize,
@@ -41,12 +45,18 @@ class ImageSpec:
 class TextSpec:
     """Text requests tokenized with a Hugging Face `tokenizers` file into input_ids (and mask, type ids)."""
 
-    tokenizer: Path
-    max_length: int = 128
+    tokenizer: Path  # a tokenizer.json, or a folder with tokenizer.json and tokenizer_config.json (transformers loads it)
+    max_length: int | None = 128  # None: a folder's model_max_length (128 where it has none)
+
+    @property
+    def folder(self) -> bool:
+        return self.tokenizer.is_dir()
 
 
 def image(r: Reader, value: Any, where: str, shape: tuple[int | str, ...], dtype: str) -> ImageSpec:
-    m = r.mapping(value, where, ("resize", "crop", "mean", "std", "mode", "max_pixels"))
+    m = r.mapping(value, where, ("resize", "crop", "mean", "std", "mode", "max_pixels", "processor"))
+    if m.get("processor") is not None:
+        return _processed(r, m, where, shape, dtype)
     mode = r.choice(m.get("mode", "RGB"), f"{where}.mode", tuple(IMAGE_MODES))
     channels = IMAGE_MODES[mode]
     if dtype not in ("float32", "float64", "float16", "bfloat16"):
@@ -82,16 +92,42 @@ def image(r: Reader, value: Any, where: str, shape: tuple[int | str, ...], dtype
     return ImageSpec(mean=stats["mean"], std=stats["std"], mode=mode, resize=resize, crop=crop, max_pixels=max_pixels)
 
 
+def _processed(r: Reader, m: dict[str, Any], where: str, shape: tuple[int | str, ...], dtype: str) -> ImageSpec:
+    """`image: {processor: PATH}`: a Hugging Face image processor does every step; nothing else but max_pixels."""
+    from pipeline.spec import processor
+
+    others = sorted(set(m) - {"processor", "max_pixels"})
+    if others:
+        raise r.fail(f"{where}.{others[0]}", "the processor decides the image's steps: give processor (and max_pixels) only")
+    path, steps = processor.read(r, m["processor"], f"{where}.processor")
+    if dtype not in ("float32", "float64", "float16", "bfloat16"):
+        raise r.fail(where, f"an image input must have a floating-point dtype, not {dtype}")
+    size = processor.output_size(steps)
+    if size is None:
+        raise r.fail(f"{where}.processor", f"{path.name}: the processed size depends on the image (no crop): the input needs fixed sizes")
+    if len(shape) != 4 or list(shape[1:]) != [3, *size]:
+        raise r.fail(f"{where}.processor", f"{path.name} makes [3, {size[0]}, {size[1]}] images, the input is declared {list(shape)}")
+    max_pixels = r.int_(m.get("max_pixels", DEFAULT_MAX_PIXELS), f"{where}.max_pixels", minimum=1)
+    return ImageSpec(mean=(), std=(), max_pixels=max_pixels, processor=steps, processor_file=path)
+
+
 def text(r: Reader, value: Any, inputs: tuple[Any, ...], dim_max: dict[str, int]) -> TextSpec | None:
     """`text: {tokenizer, max_length}`; the model must declare input_ids [batch, <dim>], and the mask and type ids
     it takes on the same dims, all integers."""
     if value is None:
         return None
     m = r.mapping(value, "text", ("tokenizer", "max_length"), ("tokenizer",))
-    tokenizer = r.file(m["tokenizer"], "text.tokenizer")
-    if tokenizer.suffix != ".json":
-        raise r.fail("text.tokenizer", f"expected a Hugging Face tokenizers file (tokenizer.json), got {m['tokenizer']}")
-    max_length = r.int_(m.get("max_length", 128), "text.max_length", minimum=1)
+    given = (r.base / r.str_(m["tokenizer"], "text.tokenizer")).resolve()
+    if given.is_dir():
+        if not (given / "tokenizer.json").is_file():
+            raise r.fail("text.tokenizer", f"{m['tokenizer']}: a folder without tokenizer.json (transformers' fast tokenizer)")
+        tokenizer = given
+    else:
+        tokenizer = r.file(m["tokenizer"], "text.tokenizer")
+        if tokenizer.suffix != ".json":
+            raise r.fail("text.tokenizer", f"expected a Hugging Face tokenizers file (tokenizer.json) or its folder, got {m['tokenizer']}")
+    given_length = m.get("max_length", None if tokenizer.is_dir() else 128)
+    max_length = None if given_length is None else r.int_(given_length, "text.max_length", minimum=1)
     by_name = {t.name: t for t in inputs}
     ids = by_name.get("input_ids")
     if ids is None:
@@ -107,7 +143,7 @@ def text(r: Reader, value: Any, inputs: tuple[Any, ...], dim_max: dict[str, int]
         if t.dtype not in ("int64", "int32", "int16", "uint8", "int8", "bool") and name != "attention_mask":
             raise r.fail("text", f"{name} must be an integer input, got {t.dtype}")
     limit = dim_max.get(str(ids.shape[1]))
-    if limit is not None and max_length > limit:
+    if limit is not None and max_length is not None and max_length > limit:
         raise r.fail("text.max_length", f"{max_length} is over dims.{ids.shape[1]}.max ({limit}): a long text would be refused")
     return TextSpec(tokenizer=tokenizer, max_length=max_length)
 

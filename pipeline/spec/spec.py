@@ -47,6 +47,7 @@ class OutputSpec:
     atol: float | None = None
     rtol: float | None = None
     labels: OutputLabels | None = None  # answered as labels with scores
+    select: str | None = None  # "last": each row's value at its last real token (handlers/marpipe_serving/rows.py)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Parity:
     batch_sizes: tuple[int, ...] = (1, 4)
     device: str = "auto"
     samples: int = 3
+    reference: Path | None = None  # an .npz of inputs and expected outputs from the user's own code
 
 
 @dataclass(frozen=True)
@@ -290,13 +292,14 @@ def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
     out: list[OutputSpec] = []
     for i, item in enumerate(items):
         where = f"outputs[{i}]"
-        m = r.mapping(item, where, ("name", "atol", "rtol", "labels", "topk", "activation"), ("name",))
+        m = r.mapping(item, where, ("name", "atol", "rtol", "labels", "topk", "activation", "select"), ("name",))
         name = r.str_(m["name"], f"{where}.name")
         if any(o.name == name for o in out):
             raise r.fail(f"{where}.name", f"duplicate output name {name!r}")
         atol = None if m.get("atol") is None else r.float_(m["atol"], f"{where}.atol")
         rtol = None if m.get("rtol") is None else r.float_(m["rtol"], f"{where}.rtol")
-        out.append(OutputSpec(name=name, atol=atol, rtol=rtol, labels=requests.output_labels(r, m, where)))
+        select = None if m.get("select") is None else r.choice(m["select"], f"{where}.select", ("last",))
+        out.append(OutputSpec(name=name, atol=atol, rtol=rtol, labels=requests.output_labels(r, m, where), select=select))
     return tuple(out) or None
 
 
@@ -326,7 +329,7 @@ def _export(r: _Reader, value: Any) -> Export:
 
 
 def _parity(r: _Reader, value: Any) -> Parity:
-    m = r.mapping(value, "parity", ("atol", "rtol", "batch_sizes", "device", "samples"))
+    m = r.mapping(value, "parity", ("atol", "rtol", "batch_sizes", "device", "samples", "reference"))
     d = Parity()
     sizes = m.get("batch_sizes", list(d.batch_sizes))
     sizes = tuple(r.int_(s, f"parity.batch_sizes[{i}]", minimum=1) for i, s in enumerate(r.list_(sizes, "parity.batch_sizes")))
@@ -338,7 +341,20 @@ def _parity(r: _Reader, value: Any) -> Parity:
         batch_sizes=sizes,
         device=r.choice(m.get("device", d.device), "parity.device", DEVICES),
         samples=r.int_(m.get("samples", d.samples), "parity.samples", minimum=1),
+        reference=_reference(r, m.get("reference")),
     )
+
+
+def _reference(r: _Reader, value: Any) -> Path | None:
+    """`parity.reference`: an .npz file (its arrays are checked against the model's inputs and outputs at build)."""
+    if value is None:
+        return None
+    path = r.file(value, "parity.reference")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if path.suffix != ".npz" or not zipped:
+        raise r.fail("parity.reference", f"expected an .npz file (numpy.savez) of inputs and expected outputs, got {value}")
+    return path
 
 
 def _serve(r: _Reader, value: Any) -> Serve:

@@ -54,8 +54,12 @@ def output_names(spec: Spec, model: Any, example: dict[str, Any], by_name: bool 
     elif isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
         derived = [str(k) for k in out]
     else:
+        fields = out.items() if isinstance(out, dict) else enumerate(out) if isinstance(out, (tuple, list)) else []
+        odd = next(((k, v) for k, v in fields if not isinstance(v, torch.Tensor)), None)
+        which = f": its {odd[0]} is a {type(odd[1]).__name__}, not a tensor" if odd else ""
+        hint = " (a cache: set architecture.kwargs use_cache: false)" if odd and "cache" in type(odd[1]).__name__.lower() else ""
         raise SpecError(
-            f"{spec.source}: outputs: the model returns {type(out).__name__}; marpipe serves a tensor, a tuple or a dict of tensors"
+            f"{spec.source}: outputs: the model returns {type(out).__name__}{which}{hint}; marpipe serves tensors (one, a tuple or a dict)"
         )
     if spec.outputs is None:
         return derived

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.marpipe_serving.architectures import has_non_persistent_buffers, load_weights, tied_keys
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, first_line
 from pipeline.sources.arch import construct, keyword_inputs, model_class
 from pipeline.sources.checkpoint import RawCheckpoint, normalise_keys, read_checkpoint
 from pipeline.sources.source import ModelSource
@@ -22,6 +22,8 @@ class Loaded:
     source: ModelSource | None = None  # what built the model: its requirements, a transformers config
     by_name: bool = False  # inputs passed by keyword (every declared input is a parameter of forward)
     tied: list[str] = field(default_factory=list)  # keys absent from the checkpoint because they are tied to others
+    reference_line: str | None = None  # transformers: the from_pretrained check's result, once per build
+    converted: int = 0  # checkpoint keys transformers renamed or converted on load (the file then does not load as it is)
 
     @property
     def verbatim(self) -> bool:
@@ -36,6 +38,7 @@ class Loaded:
             and not ck.ignored_extras
             and not self.skipped
             and not self.cast
+            and not self.converted
         )
 
     def release(self) -> None:
@@ -60,6 +63,7 @@ class Loaded:
             "ignored_extras": ck.ignored_extras,
             "skipped_keys": self.skipped,
             "cast_keys": len(self.cast),
+            **({"converted_keys": self.converted} if self.converted else {}),
             **({"index": ck.index, "files": ck.shards} if ck.shards else {}),
         }
 
@@ -69,6 +73,8 @@ def run(spec: Spec) -> Loaded:
     cfg = spec.checkpoint
     raw = read_checkpoint(cfg.path, cfg.sha256)
     normalise_keys(raw, cfg.strip_prefix, cfg.key_map)
+    if spec.architecture.source == "transformers":
+        return _run_transformers(spec, source, raw)
     # Meta construction costs no memory; the mmap'd tensors are then assigned, not copied.
     model = construct(spec, source, "meta")
     expected = model.state_dict()
@@ -90,6 +96,55 @@ def run(spec: Spec) -> Loaded:
     model.requires_grad_(False)
     by_name = keyword_inputs(model, [t.name for t in spec.inputs])
     return Loaded(model=model, checkpoint=raw, skipped=sorted(skipped), cast=cast, source=source, by_name=by_name, tied=sorted(tied))
+
+
+def _run_transformers(spec: Spec, source: ModelSource, raw: RawCheckpoint) -> Loaded:
+    """A Hugging Face model: the checkpoint goes through transformers' own loading code (`load_pretrained`), as
+    `from_pretrained` loads it; then the same checks as any checkpoint (keys, finiteness)."""
+    import torch
+
+    from pipeline.sources.hf import load_pretrained
+
+    cfg = spec.checkpoint
+    meta_model = construct(spec, source, "meta")
+    expected = meta_model.state_dict()
+    floats = [t.dtype for t in expected.values() if t.dtype.is_floating_point]
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (floats[0] if floats else torch.float32)
+    sd = raw.state_dict
+    try:
+        model, info = load_pretrained(type(meta_model), source.config, sd, dtype, cfg.strict)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {cfg.path}: transformers' loading failed: {type(exc).__name__}: {first_line(exc)}") from None
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(info["unexpected_keys"])
+    mismatched = sorted(info["mismatched_keys"])
+    if cfg.strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if mismatched:
+            shapes = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+            parts.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
+        hint = "check architecture.kwargs, or strict: false" if mismatched else "set checkpoint.key_map or strip_prefix, or strict: false"
+        raise CheckpointError(f"checkpoint {raw.path}: as transformers loads it, {', '.join(parts)}; {hint}")
+    state = model.state_dict()
+    if not cfg.allow_nonfinite:
+        bad = sorted(k for k, v in state.items() if v.dtype.is_floating_point and not _all_finite(v))
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {raw.path}: {len(bad)} tensors contain NaN or Inf ({_few(bad)}); "
+                "the training run diverged? set checkpoint.allow_nonfinite: true to package anyway"
+            )
+    model.requires_grad_(False)
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    tied = sorted(k for k in ties if k not in sd)
+    converted = len(set(sd) - set(expected) - set(unexpected))
+    cast = sorted(k for k in set(sd) & set(state) if sd[k].dtype != state[k].dtype)
+    skipped = sorted(set(unexpected) | {k for k, _, _ in mismatched})
+    by_name = keyword_inputs(model, [t.name for t in spec.inputs])
+    return Loaded(model, raw, skipped, cast, source, by_name, tied, converted=converted)
 
 
 def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], tied: set[str]) -> set[str]:

@@ -15,6 +15,7 @@ import pipeline
 from handlers.marpipe_serving.architectures import ATTN_IMPLEMENTATION
 from pipeline.digests import versions as installed
 from pipeline.errors import SpecError
+from pipeline.sources.hf import fast_tokenizer
 from pipeline.spec.requests import hook_functions
 from pipeline.spec.spec import Spec, TensorSpec
 from pipeline.stages import samples
@@ -60,7 +61,9 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
     if spec.serve.handler is not None:
         files[HANDLER.name] = HANDLER  # a user handler may import ours
     files.update(handler_package())
-    if spec.text:
+    if spec.text and spec.text.folder:  # as transformers' fast tokenizer sets it up
+        (workdir / TOKENIZER).write_text(fast_tokenizer(spec.text.tokenizer)[0], encoding="utf-8")
+    elif spec.text:
         files[TOKENIZER] = spec.text.tokenizer
     if spec.serve.hooks:
         if spec.serve.hooks.name in files or spec.serve.hooks.name in RESERVED:
@@ -75,7 +78,10 @@ def stage_sources(spec: Spec, workdir: Path) -> dict[str, Path]:
     for name, src in files.items():
         (workdir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, workdir / name)
-    return {name: workdir / name for name in files}
+    staged = {name: workdir / name for name in files}
+    if spec.text and spec.text.folder:
+        staged[TOKENIZER] = workdir / TOKENIZER
+    return staged
 
 
 def handler_package() -> dict[str, Path]:
@@ -99,7 +105,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "outputs": [_output(spec, n) for n in exported.output_names],
         "dims": {k: list(v) for k, v in spec.dims.items()},
         "dim_max": dict(spec.dim_max),
-        "text": {"tokenizer": TOKENIZER, "max_length": spec.text.max_length} if spec.text else None,
+        "text": text_record(spec),
         "hooks": _hooks(spec.serve.hooks) if spec.serve.hooks else None,
         "checkpoint": dict(
             loaded.summary(),
@@ -123,6 +129,26 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
     }
 
 
+def text_record(spec: Spec) -> dict[str, Any] | None:
+    """marpipe.json's `text`: the tokenizer entry and max_length; from a folder also what transformers' fast tokenizer
+    does around tokenizers (pad id, padding and truncation side; max_length defaults to its model_max_length)."""
+    if not spec.text:
+        return None
+    if not spec.text.folder:
+        return {"tokenizer": TOKENIZER, "max_length": spec.text.max_length}
+    settings = fast_tokenizer(spec.text.tokenizer)[1]
+    limit = spec.dim_max.get(str(next(t for t in spec.inputs if t.name == "input_ids").shape[1]))
+    max_length = spec.text.max_length or settings["model_max_length"] or 128
+    if limit is not None and max_length > limit:
+        if spec.text.max_length is None:
+            max_length = limit
+        else:
+            raise SpecError(f"{spec.source}: text.max_length: {max_length} is over the dims' max ({limit})")
+    record = {"tokenizer": TOKENIZER, "max_length": max_length, "folder": True}
+    record.update({k: settings[k] for k in ("pad_id", "padding_side", "truncation_side")})
+    return record
+
+
 def _input(t: TensorSpec) -> dict[str, Any]:
     record = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "range": list(t.range) if t.range else None, **_generate(t)}
     if t.image:
@@ -138,6 +164,8 @@ def _hooks(path: Path) -> dict[str, Any]:
 def _output(spec: Spec, name: str) -> dict[str, Any]:
     atol, rtol = spec.tolerance(name)
     record: dict[str, Any] = {"name": name, "atol": atol, "rtol": rtol}
+    if any(o.name == name and o.select for o in spec.outputs or ()):
+        record["select"] = "last"
     labels = next((o.labels for o in spec.outputs or () if o.name == name and o.labels), None)
     if labels:
         names = labels.names if labels.names is not None else _config_labels(spec)
@@ -245,17 +273,30 @@ def run(
         reqs = workdir / "requirements.txt"
         reqs.write_text("".join(f"{r['name']}=={r['version']}\n" for r in meta["requirements"]))
         files[reqs.name] = reqs
-    for name, arrays in (("parity_inputs.npz", parity.reference_inputs), ("parity_outputs.npz", parity.reference_outputs)):
-        archive.write_npz(workdir / name, arrays)
-        files[name] = workdir / name
+    stored = _stored_batch(workdir, parity.reference_inputs, parity.reference_outputs)
+    files.update(stored)
     if parity.requests:
-        files.update(samples.write(parity.requests, workdir))
+        budget = samples.BOUND - sum(p.stat().st_size for p in stored.values())
+        files.update(samples.write(parity.requests, workdir, budget))
     outputs = [dict(o, shape=parity.output_shapes.get(o["name"])) for o in meta["outputs"]]
     meta = dict(meta, outputs=outputs, parity=dict(parity.archived(), versions=meta["versions"]))
     handler = (spec.serve.handler or HANDLER).name
     entries = draft.finish(files, meta, archive.manifest(spec.name, spec.version, exported.files[0].name, handler))
     _drop_other_layout(draft.target)
     return Packaged(draft.target, _size(draft.target), entries, draft.copied_ahead, draft.digest)
+
+
+def _stored_batch(workdir: Path, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Path]:
+    """parity_inputs.npz and parity_outputs.npz (for `marpipe smoke`): the parity batch, cut to its first row when
+    it would take more than the samples' bound (`samples.BOUND`)."""
+    for rows in (None, 1):
+        files = {}
+        for name, arrays in (("parity_inputs.npz", inputs), ("parity_outputs.npz", outputs)):
+            archive.write_npz(workdir / name, {k: v[:rows] for k, v in arrays.items()} if rows else arrays)
+            files[name] = workdir / name
+        if sum(p.stat().st_size for p in files.values()) <= samples.BOUND:
+            break
+    return files
 
 
 def _drop_other_layout(built: Path) -> None:

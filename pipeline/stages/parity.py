@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from handlers.marpipe_serving import rows
+from handlers.marpipe_serving.rows import per_row, select_last
 from pipeline.errors import ParityError, SpecError, first_line
 from pipeline.spec.spec import Spec
-from pipeline.stages import inputs, samples
+from pipeline.stages import inputs, reference, samples
+from pipeline.stages.compare import compare
 from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
-
-EPS = 1e-12
 
 
 @dataclass
@@ -63,6 +64,8 @@ class ParityResult:
     reference_outputs: dict[str, np.ndarray]
     output_shapes: dict[str, list[int | str]] = field(default_factory=dict)  # e.g. ["batch", "seq", 32]
     requests: list[samples.Sample] = field(default_factory=list)  # raw requests with the eager answers
+    reference: dict[str, Any] | None = None  # parity.reference: its file, sha256 and the rows checked
+    from_pretrained: bool = False  # a transformers model was checked against transformers' own from_pretrained
 
     def record(self) -> dict[str, Any]:
         """The build's report: the measured errors included."""
@@ -70,11 +73,15 @@ class ParityResult:
 
     def archived(self) -> dict[str, Any]:
         """marpipe.json's record: only what the build's inputs determine (`OutputRecord.archived`)."""
+        extra = {"reference": self.reference} if self.reference else {}
+        if self.from_pretrained:
+            extra["from_pretrained"] = True
         return {
             "device": self.device,
             "shapes": self.shapes,
             "samples": self.samples,
             "outputs": {k: v.archived() for k, v in self.outputs.items()},
+            **extra,
         }
 
 
@@ -111,8 +118,16 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             with one_thread(len(cases) == stored):  # the case stored in the archive
                 expected = name_outputs(run_eager(spec, model, {n: t.to(device) for n, t in tensors.items()}, loaded.by_name), names)
             cases.append((_label(dims), dims, {n: t.numpy() for n, t in tensors.items()}, expected))
+    checked = _references(spec, loaded, model, cases, names, device)
+    ref = reference.read(spec, names) if spec.parity.reference else None
+    if ref is not None:
+        by_name = loaded.by_name
+        eager = reference.check_rows(spec, ref, lambda a, m=model: _eager_rows(spec, m, a, names, device, by_name), "the eager model")
+        if eager:
+            more = f" (+{len(eager) - 1} more)" if len(eager) > 1 else ""
+            raise ParityError(f"{spec.name}: parity.reference {ref.path.name} vs the eager model: {eager[0]}{more}")
     with one_thread():  # their answers are stored in the archive
-        raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name)
+        raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name, output_shapes([(d, e) for _, d, _, e in cases]))
     _check_labels(spec, meta, cases[0][3])
     del model
     if release:
@@ -139,9 +154,16 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
         for n in names:
             _compare(records[n], expected[n], got.get(n), label)
         if i == stored:
-            ref_in, ref_out = arrays, expected
+            ref_in, ref_out = arrays, select_last(expected, arrays, rows.selected(meta))  # as the server answers
+    if ref is not None:
+        for failure in reference.check_rows(spec, ref, runner, f"the {spec.export.format} model"):
+            name = failure.split(" ", 1)[0]
+            records.get(name, next(iter(records.values()))).failures.append(f"parity.reference {ref.path.name}: {failure}")
     del runner
     _print(spec, records, len(cases))
+    if ref is not None:
+        mark = "✗" if failed_any(records) else "✓"
+        print(f"  {mark} {spec.name}: parity.reference {ref.path.name}: {ref.rows} rows (eager and {spec.export.format})")
     failed = [
         f"{n}: {r.failures[0]}" + (f" (+{len(r.failures) - 1} more)" if len(r.failures) > 1 else "")
         for n, r in records.items()
@@ -150,7 +172,35 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     if failed:
         raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
     named = output_shapes([(dims, expected) for _, dims, _, expected in cases if dims is not None])
-    return ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
+    _check_select(spec, named)
+    result = ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
+    result.reference = ref.record() if ref is not None else None
+    result.from_pretrained = checked
+    return result
+
+
+def failed_any(records: dict[str, OutputRecord]) -> bool:
+    return any(r.failures for r in records.values())
+
+
+def _references(spec: Spec, loaded: Loaded, model: Any, cases: list, names: list[str], device: str) -> bool:
+    """A transformers model against transformers' own from_pretrained, once per build (format auto runs parity per
+    candidate); True when it was checked."""
+    if spec.architecture.source != "transformers":
+        return False
+    if loaded.reference_line is None:
+        loaded.reference_line = reference.from_pretrained(spec, loaded, cases, names, device)
+    print(loaded.reference_line)
+    return "skipped" not in loaded.reference_line
+
+
+def _eager_rows(spec: Spec, model: Any, arrays: dict[str, np.ndarray], names: list[str], device: str, by_name: bool) -> dict:
+    import torch
+
+    from handlers.marpipe_serving.models import name_outputs
+
+    tensors = {t.name: torch.from_numpy(np.ascontiguousarray(arrays[t.name])).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
+    return name_outputs(run_eager(spec, model, tensors, by_name), names)
 
 
 @contextlib.contextmanager
@@ -169,8 +219,11 @@ def one_thread(active: bool = True) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str, by_name: bool) -> list[samples.Sample]:
-    """Sample raw requests decoded as the handler decodes them, with the eager model's answers."""
+def _raw_samples(
+    spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], device: str, by_name: bool, shapes: dict
+) -> list[samples.Sample]:
+    """Sample raw requests decoded as the handler decodes them, with the eager model's answers (and the JSON answers
+    the handler gives: `select: last` applied, texts' per-token outputs trimmed row by row)."""
     if not samples.needed(spec):
         return []
     import torch
@@ -180,12 +233,29 @@ def _raw_samples(spec: Spec, model: Any, workdir: Path, meta: dict[str, Any], de
 
     contract = Contract(meta, str(workdir))
     names = [o["name"] for o in meta["outputs"]]
+    selected = rows.selected(meta)
+    pad = contract.pad_dim
+    per_token = [n for n, shape in shapes.items() if n not in selected and n not in contract.labels and pad and shape[1:2] == [pad]]
     made = samples.make(spec, contract)
     for s in made:
         tensors = {t.name: torch.from_numpy(s.arrays[t.name]).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
         s.expected = name_outputs(run_eager(spec, model, tensors, by_name), names)
-        s.answer = samples.answer(s.expected, contract)
+        chosen = select_last(s.expected, s.arrays, selected)
+        s.stored = chosen if chosen is not s.expected else None
+        s.answer = samples.answer(per_row(chosen, s.arrays, per_token), contract)
     return made
+
+
+def _check_select(spec: Spec, shapes: dict[str, list[int | str]]) -> None:
+    """`select: last` takes the axis after the batch: it must follow a dynamic dim of the inputs (the tokens)."""
+    dims = set(spec.dims)
+    for i, o in enumerate(spec.outputs or ()):
+        shape = shapes.get(o.name) or []
+        if o.select and (len(shape) < 2 or shape[1] not in dims):
+            raise SpecError(
+                f"{spec.source}: outputs[{i}].select: last takes each row's last token along the output's second axis, but "
+                f"{o.name} has the shape {shape}, whose second axis follows no dynamic input dim ({', '.join(sorted(dims)) or 'none'})"
+            )
 
 
 def _check_labels(spec: Spec, meta: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
@@ -212,30 +282,6 @@ def output_shapes(runs: list[tuple[dict[str, int], dict[str, np.ndarray]]]) -> d
             shape.append(named[0] if named else sizes[0] if len(set(sizes)) == 1 else None)
         out[name] = shape
     return out
-
-
-def compare(expected: np.ndarray, got: np.ndarray | None, atol: float, rtol: float) -> dict[str, Any]:
-    """Shape, then values, with torch.allclose semantics (NaN matches NaN). Used by `marpipe smoke` too."""
-    if got is None:
-        return {"ok": False, "why": "missing from the answer"}
-    got = np.asarray(got)
-    if tuple(got.shape) != tuple(expected.shape):
-        return {"ok": False, "why": f"shape {list(got.shape)} vs eager {list(expected.shape)}"}
-    a = got.astype(np.float64)
-    b = expected.astype(np.float64)
-    both_nan = np.isnan(a) & np.isnan(b)
-    diff = np.where(both_nan, 0.0, np.abs(a - b))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    bad = diff > atol + rtol * np.abs(np.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0))
-    finite = np.isfinite(diff)
-    return {
-        "ok": not bool(bad.any()),
-        "max_abs": float(diff.max()) if diff.size else 0.0,
-        "max_rel": float((diff[finite] / (np.abs(b[finite]) + EPS)).max()) if finite.any() else 0.0,
-        "mismatched": float(bad.mean()) if bad.size else 0.0,
-        "nan": int(np.isnan(a).sum()),
-        "inf": int(np.isinf(a).sum()),
-    }
 
 
 def _compare(rec: OutputRecord, expected: np.ndarray, got: np.ndarray | None, label: str) -> None:

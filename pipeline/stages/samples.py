@@ -36,6 +36,7 @@ class Sample:
     content_type: str
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # as the handler decodes the body
     expected: dict[str, np.ndarray] = field(default_factory=dict)  # the eager model's raw outputs
+    stored: dict[str, np.ndarray] | None = None  # what the server answers in npz (select: last applied), if other
     answer: Any = None  # the handler's JSON answer for the eager outputs (labels, a hook's encode)
 
 
@@ -141,18 +142,73 @@ def answer(outputs: dict[str, np.ndarray], contract: Any) -> Any:
     return json.loads(body)
 
 
-def write(samples: list[Sample], folder: Path) -> dict[str, Path]:
-    """Archive entries: each body, its expected raw outputs (npz), and an index with content types and answers."""
+BOUND = 1_000_000  # bytes: the most the stored parity samples (tensors, requests and answers) take in an archive
+
+
+def raw_answer(answer: Any, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A JSON answer that is only the outputs as numbers, as arrays (a row list of different lengths as
+    `name.0`, `name.1`, ...): stored as npz, not JSON. None for other answers (labels, a hook's)."""
+    doc = answer.get("outputs") if isinstance(answer, dict) and set(answer) == {"outputs"} else None
+    if not isinstance(doc, dict) or set(doc) != set(outputs):
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in doc.items():
+        try:
+            arrays[name] = np.asarray(value, dtype=outputs[name].dtype)
+            if arrays[name].dtype == object:
+                raise ValueError
+        except (ValueError, TypeError):  # rows of different lengths
+            if not isinstance(value, list):
+                return None
+            arrays.pop(name, None)
+            try:
+                arrays.update({f"{name}.{i}": np.asarray(row, dtype=outputs[name].dtype) for i, row in enumerate(value)})
+            except (ValueError, TypeError):
+                return None
+    return arrays
+
+
+def answer_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The JSON answer `raw_answer` stored."""
+    doc: dict[str, Any] = {}
+    for key in sorted(arrays, key=lambda k: (k.rpartition(".")[0] or k, int(k.rpartition(".")[2]) if "." in k else -1)):
+        name, dot, index = key.rpartition(".")
+        if dot and index.isdigit():
+            doc.setdefault(name, []).append(arrays[key].tolist())
+        else:
+            doc[key] = arrays[key].tolist()
+    return {"outputs": doc}
+
+
+def write(samples: list[Sample], folder: Path, budget: int = BOUND) -> dict[str, Path]:
+    """Archive entries: each body, its expected raw outputs (npz), the JSON answer (npz when it is the outputs
+    themselves), and an index with content types. Samples are kept in order while they fit `budget` bytes (the
+    first always)."""
     from pipeline.store.archive import write_npz
 
     (folder / "parity_requests").mkdir(exist_ok=True)
-    files, index = {}, []
+    files, index, used = {}, [], 0
     for s in samples:
         body, outputs = f"parity_requests/{s.name}.body", f"parity_requests/{s.name}.npz"
+        entry: dict[str, Any] = {"name": s.name, "content_type": s.content_type, "body": body, "outputs": outputs}
         (folder / body).write_bytes(s.body)
-        write_npz(folder / outputs, s.expected)
-        files[body], files[outputs] = folder / body, folder / outputs
-        index.append({"name": s.name, "content_type": s.content_type, "body": body, "outputs": outputs, "answer": s.answer})
+        write_npz(folder / outputs, s.expected if s.stored is None else s.stored)
+        new = {body: folder / body, outputs: folder / outputs}
+        raw = raw_answer(s.answer, s.expected if s.stored is None else s.stored)
+        if raw is not None:
+            entry["answer_npz"] = f"parity_requests/{s.name}.answer.npz"
+            write_npz(folder / entry["answer_npz"], raw)
+            new[entry["answer_npz"]] = folder / entry["answer_npz"]
+        else:
+            entry["answer"] = s.answer
+        size = sum(p.stat().st_size for p in new.values()) + len(json.dumps(entry))
+        if index and used + size > budget:
+            for p in new.values():
+                p.unlink()
+            continue
+        used += size
+        files.update(new)
+        index.append(entry)
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     files[INDEX] = folder / INDEX
     return files
