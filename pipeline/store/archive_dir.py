@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.errors import PackageError
 from pipeline.store import archive, signing
 from pipeline.store.archive import MANIFEST, METADATA, Known
+from pipeline.store.faults import content_faults
 from pipeline.store.signing import PYCACHE, SIGNATURE
 
 
@@ -244,7 +245,7 @@ def verify(folder: Path) -> list[str]:
             faults.append(f"entry {name!r} cannot be read")
         return got
 
-    return faults + archive.content_faults(set(names), read, sha256)
+    return faults + content_faults(set(names), read, sha256)
 
 
 def _digest(folder: Path, hashes: dict[str, str]) -> archive.Digest:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.errors import PackageError, SignatureError
-from pipeline.store import archive, archive_dir, signing
+from pipeline.store import archive, archive_dir, faults, signing
 from pipeline.store.archive import MANIFEST
 
 
@@ -26,7 +26,7 @@ def verify(path: Path) -> list[str]:
     """Every fault of one archive: zip integrity, entry names, manifest, metadata and each entry's hash.
 
     A directory archive (`marpipe build --layout dir`) gets the same content checks (`archive_dir.verify`)."""
-    return archive_dir.verify(path) if path.is_dir() else archive.verify_mar(path)
+    return archive_dir.verify(path) if path.is_dir() else faults.mar_faults(path)
 
 
 def is_archive(path: Path) -> bool:
