@@ -196,6 +196,9 @@ def config_text(
         "install_py_dep_per_model": "false",
         "decode_input_request": "false",  # the handler parses bodies itself: once, and faster (orjson)
         "enable_envvars_config": "false",
+        # the Open Inference Protocol: v2 server live/ready over HTTP and the ModelInfer gRPC service (TorchServe's own
+        # package name: org.pytorch.serve.grpc.openinference.GRPCInferenceService); see docs/requests.md
+        "ts_open_inference_protocol": "true",
         "default_workers_per_model": 1,
         **size_settings(max_response),
     }
@@ -258,6 +261,7 @@ def start(
         METRICS_LOCATION=str(workdir / "logs"),
     )
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.pop("TS_OPEN_INFERENCE_PROTOCOL", None)  # read even with enable_envvars_config=false; it would override the config
     cmd = [_torchserve(), "--start", "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     if not auth:
         cmd.append("--disable-token-auth")
@@ -436,6 +440,12 @@ def serve_forever(args: Any) -> int:
         if caught:
             raise KeyboardInterrupt
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
+        grpc = f"{server.host}:{server.ports['grpc_inference']}"
+        print(
+            f"gRPC: inference {grpc} (TorchServe's Predictions, and Open Inference Protocol v2 ModelInfer), "
+            f"management {server.host}:{server.ports['grpc_management']}",
+            file=sys.stderr,
+        )
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
         status = wait_ready(server, 600)
         for name, s in sorted(status.items()):
