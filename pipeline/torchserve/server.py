@@ -165,6 +165,20 @@ def jvm_args(vmargs: str | None) -> str:
     return " ".join((vmargs or "").split())
 
 
+def grpc_host(host: str) -> str:
+    """Where TorchServe's gRPC APIs listen: loopback, whatever `host` the HTTP APIs use. TorchServe 0.12 cannot turn
+    gRPC or its StreamPredictions2 off, and a StreamPredictions2 call whose client closes its side before the
+    answer leaves the model's worker dead while the management API says READY (docs/requests.md)."""
+    import ipaddress
+
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    return "::1" if ":" in host else "127.0.0.1"
+
+
 def config_text(
     store: Path,
     archives: list[str],
@@ -184,9 +198,9 @@ def config_text(
         "inference_address": f"http://{h}:{ports['inference']}",
         "management_address": f"http://{h}:{ports['management']}",
         "metrics_address": f"http://{h}:{ports['metrics']}",
-        "grpc_inference_address": host,
+        "grpc_inference_address": grpc_host(host),
         "grpc_inference_port": ports["grpc_inference"],
-        "grpc_management_address": host,
+        "grpc_management_address": grpc_host(host),
         "grpc_management_port": ports["grpc_management"],
         "model_store": str(store),
         "load_models": ",".join(archives) if archives else "",
@@ -440,10 +454,11 @@ def serve_forever(args: Any) -> int:
         if caught:
             raise KeyboardInterrupt
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
-        grpc = f"{server.host}:{server.ports['grpc_inference']}"
+        at = grpc_host(server.host)
+        at = f"[{at}]" if ":" in at else at
         print(
-            f"gRPC: inference {grpc} (TorchServe's Predictions, and Open Inference Protocol v2 ModelInfer), "
-            f"management {server.host}:{server.ports['grpc_management']}",
+            f"gRPC (loopback only): inference {at}:{server.ports['grpc_inference']} (TorchServe's Predictions, and the "
+            f"Open Inference Protocol's ModelInfer), management {at}:{server.ports['grpc_management']}",
             file=sys.stderr,
         )
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
