@@ -195,6 +195,28 @@ def test_open_inference_protocol_over_grpc(server: ts.Server, stubs) -> None:
     assert _pids(server) == before
 
 
+def test_clients_of_inference_grpc_inference_service_meet_torchserves_package_name(server: ts.Server) -> None:
+    """tritonclient.grpc calls inference.GRPCInferenceService; TorchServe 0.12 serves the same service under
+    org.pytorch.serve.grpc.openinference, so it answers UNIMPLEMENTED (docs/requests.md#grpc). When a TorchServe
+    serves the standard name, this test fails: then the Triton and KServe gRPC clients are to be tested here."""
+    import subprocess
+    import sys
+
+    # in a process of its own: the kserve SDK (imported by the other tests) and tritonclient.grpc both define the
+    # protobuf package `inference`, which one process cannot hold twice
+    script = f"""
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+client = grpcclient.InferenceServerClient("{server.host}:{server.ports["grpc_inference"]}")
+try:
+    client.is_server_live(headers={{"authorization": "Bearer {server.key("inference")}"}})
+except InferenceServerException as exc:
+    print(exc)
+"""
+    said = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "UNIMPLEMENTED" in said.stdout and "inference.GRPCInferenceService" in said.stdout, said.stdout + said.stderr
+
+
 def test_torchserve_grpc_predictions_in_every_body_form(server: ts.Server, stubs) -> None:
     import grpc
 
