@@ -230,9 +230,9 @@ def _load(host: str, port: int, path: str, body: bytes, headers: dict, total: in
                 start = time.perf_counter()
                 writer.write(request)
                 answer = (await reader.readuntil(b"\r\n\r\n")).lower()
-                at = answer.find(b"content-length:")
+                at = answer.find(b"\r\ncontent-length:")  # not inference-header-content-length: (v2 binary answers)
                 if at >= 0:
-                    await reader.readexactly(int(answer[at + 15 : answer.index(b"\r\n", at)]))
+                    await reader.readexactly(int(answer[at + 17 : answer.index(b"\r\n", at + 2)]))
                 else:  # chunked
                     while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
                         await reader.readexactly(size + 2)
@@ -402,7 +402,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
     """For each model: every format's in-process latency at batch 8 (its ceiling: the batched forward as the
     handler runs it, all cores, measured before and after serving; the higher counts, so that on a noisy
     machine the ratio never flatters the server), the format `--format auto` chooses, and each format served by
-    a real TorchServe with npz and JSON bodies (JPEG too for the 224x224 CNN): req/s (median of `runs` loads),
+    a real TorchServe with npz and JSON bodies (JPEG and v2 binary too for the 224x224 CNN): req/s (median of `runs` loads),
     p50, p99, and the share of its own ceiling. Each server is measured twice with npz: fresh (`fresh`: 400
     requests after the model is READY, the JIT still compiling), then at its steady state, after _warm_jit on
     an identity model served beside it; the other bodies at the steady state."""
@@ -427,6 +427,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
         }
         if label == "imagecnn":  # the same model fed JPEG files: a 20x smaller body, decoded by the worker
             bodies["jpeg"] = (_photo_jpeg(), {"Content-Type": "image/jpeg", "Accept": "application/x-npz"})
+            bodies["v2bin"] = _v2_binary(image)
         count = max(40, int(total * scale))
         model: dict = {"requests": count, "auto": _auto_choice(out, label, spec) if len(formats) > 1 else None, "formats": {}}
         for fmt in formats:
@@ -459,6 +460,15 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
         }
         results["models"][label] = model
     return results
+
+
+def _v2_binary(image: np.ndarray) -> tuple[bytes, dict]:
+    """The v2 binary data extension as tritonclient.http sends it by default: a JSON header, then the FP32 values;
+    every output asked back as binary data."""
+    raw = image.astype("<f4").tobytes()
+    tensor = {"name": "image", "shape": list(image.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    head = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    return head + raw, {"Inference-Header-Content-Length": str(len(head))}
 
 
 def _auto_choice(out: Path, label: str, spec: Path) -> str:
@@ -514,7 +524,7 @@ def report(results: dict) -> None:
         )
         for label, model in s["models"].items():
             for fmt, row in model["formats"].items():
-                for kind in ("fresh", "npz", "json", "jpeg"):
+                for kind in ("fresh", "npz", "json", "jpeg", "v2bin"):
                     if kind in row:
                         r = row[kind]
                         print(
@@ -532,6 +542,8 @@ def report(results: dict) -> None:
             for fmt, row in model["formats"].items():
                 targets = [("json", "JSON", 40)] + ([("jpeg", "JPEG", 80)] if "jpeg" in row else [])
                 notes = ", ".join(f"{name} at {100 * row[k]['of_npz']:.1f}% of npz (target >= {t}%)" for k, name, t in targets)
+                if "v2bin" in row:
+                    notes += f", v2 binary at {100 * row['v2bin']['of_npz']:.1f}% of npz"
                 print(f"    {fmt}: {notes}")
 
 

@@ -124,20 +124,30 @@ class Project:
 class FakeContext:
     """The parts of ts.context.Context the handler uses."""
 
-    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, model_dir: Path, headers: list[dict[str, str]] | None = None, grpc: bool = False) -> None:
+        """`headers`: each request's; a request with none given has HTTP's Host header, or none at all with `grpc`
+        (as TorchServe hands over its gRPC requests)."""
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None, "batch_size": 8}
         self.headers = headers or []
+        self.grpc = grpc
         self.status: dict[int, tuple[int, str]] = {}
         self.content_type: dict[int, str] = {}
+        self.response_headers: dict[int, dict[str, str]] = {}
 
     def get_all_request_header(self, idx: int) -> dict:
-        return self.headers[idx] if idx < len(self.headers) else {}
+        return self.headers[idx] if idx < len(self.headers) else {} if self.grpc else {"Host": "127.0.0.1"}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
         self.status[idx] = (code, phrase)
 
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_type[idx] = value
+
+    def get_response_status(self, idx: int) -> tuple[int, str]:
+        return self.status.get(idx, (200, ""))
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.response_headers.setdefault(idx, {})[key] = value
 
 
 @pytest.fixture

@@ -43,8 +43,9 @@ def built(tmp_path_factory):
 
 
 def _call(built, name: str, rows: list[dict], headers: list[dict]) -> tuple[list, FakeContext]:
+    """The rows as HTTP requests with these headers (and Host, which every HTTP request to TorchServe has)."""
     service, folder = built[1][name]
-    ctx = FakeContext(folder, headers)
+    ctx = FakeContext(folder, [{"Host": "127.0.0.1", **h} for h in headers])
     return service.handle(rows, ctx), ctx
 
 

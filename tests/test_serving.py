@@ -259,10 +259,12 @@ def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None
     proc, text = start_serve(one, port, workdir, f"--vmargs={ts.QUICK_JIT}", timeout=240)
     try:
         assert "READY" in text and f"keys in {workdir / 'key_file.json'}" in text, text
+        assert "gRPC (loopback only): inference 127.0.0.1:" in text, text
         config = (workdir / "config.properties").read_text()
         for setting in (
             "inference_address=http://127.0.0.1:",
             "grpc_inference_address=127.0.0.1",
+            "ts_open_inference_protocol=true",
             "disable_token_authorization=false",
             "enable_model_api=false",
             "install_py_dep_per_model=false",

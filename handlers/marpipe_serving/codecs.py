@@ -8,12 +8,18 @@ becomes a `Request`: the named arrays to run, and how to answer. Forms, by what 
 * ``text/plain``: the text of a text model, one row;
 * ``multipart/form-data``: a part per input, named after it (images as files, ``text``, tensors as JSON or npz);
 * ``application/x-npz`` (or a zip body): the named arrays;
-* JSON: ``{"inputs": {...}}`` (tensors as nested lists, images as ``{"b64"}``, ``"text"``), or the Open
-  Inference Protocol v2 form ``{"inputs": [{"name", "shape", "datatype", "data"}]}``.
+* JSON: ``{"inputs": {...}}`` (tensors as nested lists, images as ``{"b64"}``, ``"text"``), KServe v1's rows
+  ``{"instances": [...]}``, or the Open Inference Protocol v2 form ``{"inputs": [{"name", "shape", "datatype",
+  "data"}]}``, also with the binary data extension (an ``Inference-Header-Content-Length`` header);
+* no content type and not JSON, for a text model: the text (TorchServe's gRPC carries no content types).
 
-Answers: npz when the request accepts ``application/x-npz``; v2 for v2 requests; the user's ``encode`` hook;
-otherwise ``{"outputs": {name: nested list, or labels with scores}}``. ``Accept: application/json; raw=true``
-asks for raw tensors in JSON even where the archive answers with labels or a hook.
+Answers: npz when the request accepts ``application/x-npz``; v2 for v2 requests; ``{"predictions": [row, ...]}``
+for v1 rows; the user's ``encode`` hook; otherwise ``{"outputs": {name: nested list, or labels with scores}}``.
+``Accept: application/json; raw=true`` asks for raw tensors in JSON even where the archive answers with labels or
+a hook.
+
+A request that came over TorchServe's gRPC API has no HTTP headers at all (`via_grpc`); `service` answers it in
+the form TorchServe's gRPC front end can send.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .errors import BadRequest
 from .npz import write_npz
 
 JSON = "application/json"
+OCTETS = "application/octet-stream"
 MULTIPART = "multipart/form-data"
 FORM = "application/x-www-form-urlencoded"
 # TorchServe's frontend parses a form body into fields before the worker sees it: a JSON text with no '=' or '&'
@@ -49,6 +56,7 @@ class Request:
     npz: bool = False  # answer with an .npz of the outputs
     raw: bool = False  # answer raw tensors in JSON, not labels or the encode hook
     v2: v2.Reply | None = None  # answer in the v2 form
+    rows: bool = False  # KServe v1 rows: answer {"predictions": [row, ...]}
 
 
 def header(context: Any, idx: int, name: str, part: str | None = None) -> str:
@@ -67,6 +75,35 @@ def header(context: Any, idx: int, name: str, part: str | None = None) -> str:
         if isinstance(value, dict) and isinstance(value.get(name), str):
             return value[name]
     return ""
+
+
+SEQUENCE_HEADERS = ("ts_request_sequence_id", "ts_request_sequence_start", "ts_request_sequence_end")
+
+
+def via_grpc(context: Any, idx: int) -> bool:
+    """True for a request that came over TorchServe's gRPC API: TorchServe hands the worker every HTTP header of
+    an HTTP request (a body always comes with Content-Length), and none for gRPC, whose StreamPredictions2 adds
+    only its sequence keys. Per-part content types are dicts, not headers."""
+    try:
+        headers = context.get_all_request_header(idx) or {}
+    except Exception:
+        return False
+    return not any(isinstance(v, str) and k.lower() not in SEQUENCE_HEADERS for k, v in headers.items())
+
+
+def model_infer_id(row: Any, context: Any, idx: int) -> str | None:
+    """The id of a request TorchServe built from a gRPC ModelInfer (a JSON "body" with model_name), else None."""
+    if not isinstance(row, dict) or set(row) != {"body"} or not via_grpc(context, idx):
+        return None
+    if "json" not in header(context, idx, "content-type", part="body"):
+        return None
+    try:
+        payload = parse_json_or_npz(row["body"], JSON, "body")
+    except BadRequest:
+        return None
+    if not isinstance(payload, dict) or "model_name" not in payload:
+        return None
+    return payload.get("id") if isinstance(payload.get("id"), str) else ""
 
 
 def decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> Request:
@@ -106,12 +143,29 @@ def _decode(row: dict[str, Any], context: Any, idx: int, contract: Contract) -> 
             return Request(contract.from_texts(_text(body)), npz, raw)
     elif isinstance(body, str) and ctype.startswith("text/plain"):  # TorchServe decoded it already
         return Request(contract.from_texts(body), npz, raw)
-    payload = parse_json_or_npz(body, ctype, "body")
+    served = getattr(context, "model_name", None)
+    grpc = via_grpc(context, idx)
+    binary = header(context, idx, "inference-header-content-length")
+    if binary and isinstance(body, (bytes, bytearray)):
+        payload, blobs = v2.split_binary(body, binary)
+        tensors, reply = v2.decode(payload, contract.meta, served, blobs)
+        return Request(contract.check(tensors), False, True, reply)
+    try:
+        payload = parse_json_or_npz(body, ctype, "body")
+    except BadRequest:
+        if contract.text is not None and not ctype and isinstance(body, (bytes, bytearray)) and not is_npz(body, ctype):
+            return Request(contract.from_texts(_text(body)), npz, raw)  # gRPC's plain text: no content type
+        raise
     if is_npz(body, ctype):
         return Request(contract.check(payload), npz, raw)
     if v2.is_v2(payload):
-        tensors, reply = v2.decode(payload, contract.meta)
+        # over gRPC, BYTES come base64-encoded: TorchServe's ModelInfer and KServe's gRPC wrapper both write them so
+        tensors, reply = v2.decode(payload, contract.meta, served, b64=grpc, grpc=grpc and "model_name" in payload)
         return Request(contract.check(tensors), False, True, reply)
+    if isinstance(payload, dict) and "instances" in payload and "instances" not in contract.names:
+        if contract.hooks is not None and hasattr(contract.hooks, "encode") and not raw:
+            raise BadRequest('this archive answers through its encode hook, which answers whole requests, not rows: send {"inputs": ...}')
+        return Request(contract.from_rows(payload), False, raw, rows=True)
     return Request(contract.from_json(payload, numeric_only(body, payload)), npz, raw)
 
 
@@ -163,7 +217,14 @@ def _hook_decode(contract: Contract, body: Any, ctype: str) -> dict[str, np.ndar
 def encode(outputs: dict[str, np.ndarray], request: Request, contract: Contract) -> tuple[bytes | str, str]:
     """The answer's body and content type. Exceptions here (a user encode hook's) are the caller's 500."""
     if request.v2 is not None:
-        return dumps(v2.encode(outputs, request.v2)), JSON
+        doc, blobs = v2.encode(outputs, request.v2)
+        if not blobs:
+            return dumps(doc), JSON
+        head = dumps(doc).encode()
+        request.v2.header_length = len(head)
+        return b"".join([head, *blobs]), OCTETS
+    if request.rows:
+        return dumps({"predictions": rows(outputs, request, contract)}), JSON
     if request.npz:
         return write_npz(outputs), NPZ
     if contract.hooks is not None and hasattr(contract.hooks, "encode") and not request.raw:
@@ -173,6 +234,18 @@ def encode(outputs: dict[str, np.ndarray], request: Request, contract: Contract)
         spec = contract.labels.get(name)
         doc[name] = labels.scored(value, spec) if spec and not request.raw else value.tolist()
     return dumps({"outputs": doc}), JSON
+
+
+def rows(outputs: dict[str, np.ndarray], request: Request, contract: Contract) -> list:
+    """KServe v1's predictions: one per row; the output's value for a one-output model, else {name: value}."""
+    cols = {}
+    for name, value in outputs.items():
+        spec = contract.labels.get(name)
+        cols[name] = labels.scored(value, spec) if spec and not request.raw else value.tolist()
+    count = len(next(iter(cols.values()))) if cols else 0
+    if len(cols) == 1:
+        return next(iter(cols.values()))
+    return [{name: col[i] for name, col in cols.items()} for i in range(count)]
 
 
 def dumps(doc: Any) -> str:

@@ -72,6 +72,29 @@ class Contract:
             raise BadRequest(f'expected {{"inputs": {{{names}: [...]}}}}, got {type(payload).__name__}')
         return self.check(payload, numeric)
 
+    def from_rows(self, payload: dict) -> dict[str, np.ndarray]:
+        """KServe v1's ``{"instances": [row, ...]}``: a row is the one input's value (a text model's string, an
+        image's ``{"b64"}``), or an object of named inputs (``text`` for a text model)."""
+        extra = sorted(set(payload) - {"instances"})
+        if extra:
+            raise BadRequest(f'unknown top-level keys {extra}; a KServe v1 body is {{"instances": [...]}}')
+        rows = payload["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise BadRequest('"instances" must be a non-empty list of rows')
+        if self.max_rows and len(rows) > self.max_rows:
+            raise BadRequest(f"{len(rows)} rows in one request; at most {self.max_rows} are allowed (serve.max_rows)", 413)
+        image_rows = len(self.names) == 1 and self.images and all(isinstance(r, dict) and set(r) == {"b64"} for r in rows)
+        if all(isinstance(r, dict) for r in rows) and not image_rows:
+            keys = set(rows[0])
+            if any(set(r) != keys for r in rows):
+                raise BadRequest("every row of instances must name the same inputs")
+            return self.check({k: [r[k] for r in rows] for k in rows[0]})
+        if self.text and all(isinstance(r, str) for r in rows):
+            return self.check({TEXT_KEY: rows})
+        if len(self.names) != 1:
+            raise BadRequest(f"this model takes {self.names}: each row of instances must be an object of them")
+        return self.check({self.names[0]: rows})
+
     def from_image(self, body: bytes) -> dict[str, np.ndarray]:
         """A raw image body: one row of the model's one image input."""
         if len(self.images) != 1 or len(self.names) != 1:

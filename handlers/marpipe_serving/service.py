@@ -4,6 +4,9 @@ Each request is decoded on its own (a malformed one gets its 4xx and ``{"error":
 agree run in one forward pass (a text model's rows are padded to the longest instead), and each answer is
 encoded on its own (a failing encode hook is that request's 500; an answer over the server's max_response_size its
 413, before TorchServe's frontend would refuse it by killing the worker). Nothing one request holds fails another.
+
+Requests over TorchServe's gRPC API (see `answer_grpc`) are answered in the form its gRPC front end can send
+without throwing, which would kill the worker.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codecs, rows
+from . import codecs, rows, v2
 from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, serving_runner
@@ -53,6 +56,9 @@ class Service:
                 results[i] = error(context, i, exc.status, str(exc))
         for group in groups(requests, self.contract):
             self._run_group(group, requests, results, context)
+        grpc = [i for i in range(len(data)) if codecs.via_grpc(context, i)]
+        if grpc:
+            answer_grpc(data, grpc, results, context, self.meta)
         return results
 
     def _run_group(self, group: list[int], requests: dict[int, codecs.Request], results: list, context: Any) -> None:
@@ -99,6 +105,8 @@ class Service:
                 results[i] = error(context, i, 413, too_large)
                 continue
             context.set_response_content_type(i, ctype)
+            if request.v2 is not None and request.v2.header_length is not None:
+                context.set_response_header(i, "Inference-Header-Content-Length", str(request.v2.header_length))
             results[i] = body
 
     def _padded_axes(self) -> dict[str, list[int]]:
@@ -122,6 +130,59 @@ def error(context: Any, idx: int, status: int, message: str) -> str:
     context.set_response_status(status, phrase, idx)
     context.set_response_content_type(idx, "application/json")
     return json.dumps({"error": message})
+
+
+class _Unavailable(Exception):
+    """Stands in for TorchServe's PredictionException outside TorchServe (its `ts` package absent)."""
+
+    def __init__(self, message: str, error_code: int = 500) -> None:
+        super().__init__(message)
+        self.message, self.error_code = message, error_code
+
+
+def answer_grpc(data: list, indices: list[int], results: list, context: Any, meta: dict) -> None:
+    """Answers to gRPC requests, as TorchServe 0.12's gRPC front end can send them.
+
+    * Every answer says the stream ends here (``ts_stream_next: false``): StreamPredictions reads that header of
+      every answer and throws without it, which kills the worker; for the other calls it changes nothing.
+    * TorchServe ignores a gRPC answer's status, so an error alone in its batch is raised as TorchServe's
+      PredictionException: the call then fails with the gRPC status of its HTTP status (400 INVALID_ARGUMENT,
+      413 RESOURCE_EXHAUSTED, 500 INTERNAL). Inside a batch, raising would fail every request of it, so the error
+      stays in the body: ``{"error"}`` for Predictions, and for a ModelInfer the v2 answer TorchServe requires
+      (id, model_name, model_version; an output named ``error``), since anything else throws in its front end.
+    """
+    for i in indices:
+        context.set_response_header(i, "ts_stream_next", "false")
+    failed = [i for i in indices if _status(context, i) >= 400]
+    if not failed:
+        return
+    if len(data) == 1:
+        code, message = _status(context, 0), _message(results[0])
+        try:
+            from ts.utils.util import PredictionException
+        except ImportError:
+            PredictionException = _Unavailable
+        raise PredictionException(message, code)
+    for i in failed:
+        rid = codecs.model_infer_id(data[i], context, i)
+        if rid is not None:
+            served = getattr(context, "model_name", None)
+            results[i] = json.dumps(v2.error_answer(_message(results[i]), rid, meta, served))
+            context.set_response_status(200, "OK", i)
+
+
+def _status(context: Any, idx: int) -> int:
+    try:
+        return int(context.get_response_status(idx)[0])
+    except Exception:
+        return 200
+
+
+def _message(body: Any) -> str:
+    try:
+        return str(json.loads(body)["error"])
+    except Exception:
+        return str(body)[:500]
 
 
 def groups(requests: dict[int, codecs.Request], contract: Contract) -> list[list[int]]:

@@ -94,6 +94,7 @@ def config_properties(snapshot: dict, vmargs: str | None = None, max_response: i
         "install_py_dep_per_model=false",
         "decode_input_request=false",  # our handler parses bodies itself (once, orjson where installed)
         "enable_envvars_config=false",
+        "ts_open_inference_protocol=true",  # v2 server live/ready and ModelInfer on TorchServe's own ports
         "disable_token_authorization=true",
         "enable_model_api=false",
         *(f"{k}={v}" for k, v in size_settings(max_response).items()),

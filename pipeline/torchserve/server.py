@@ -166,6 +166,20 @@ def jvm_args(vmargs: str | None) -> str:
     return " ".join((vmargs or "").split())
 
 
+def grpc_host(host: str) -> str:
+    """Where TorchServe's gRPC APIs listen: loopback, whatever `host` the HTTP APIs use. TorchServe 0.12 cannot turn
+    gRPC or its StreamPredictions2 off, and a StreamPredictions2 call whose client closes its side before the
+    answer leaves the model's worker dead while the management API says READY (docs/requests.md)."""
+    import ipaddress
+
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return host
+    except ValueError:
+        pass
+    return "::1" if ":" in host else "127.0.0.1"
+
+
 def config_text(
     store: Path,
     archives: list[str],
@@ -185,9 +199,9 @@ def config_text(
         "inference_address": f"http://{h}:{ports['inference']}",
         "management_address": f"http://{h}:{ports['management']}",
         "metrics_address": f"http://{h}:{ports['metrics']}",
-        "grpc_inference_address": host,
+        "grpc_inference_address": grpc_host(host),
         "grpc_inference_port": ports["grpc_inference"],
-        "grpc_management_address": host,
+        "grpc_management_address": grpc_host(host),
         "grpc_management_port": ports["grpc_management"],
         "model_store": str(store),
         "load_models": ",".join(archives) if archives else "",
@@ -197,6 +211,9 @@ def config_text(
         "install_py_dep_per_model": "false",
         "decode_input_request": "false",  # the handler parses bodies itself: once, and faster (orjson)
         "enable_envvars_config": "false",
+        # the Open Inference Protocol: v2 server live/ready over HTTP and the ModelInfer gRPC service (TorchServe's own
+        # package name: org.pytorch.serve.grpc.openinference.GRPCInferenceService); see docs/requests.md
+        "ts_open_inference_protocol": "true",
         "default_workers_per_model": 1,
         **size_settings(max_response),
     }
@@ -261,6 +278,7 @@ def start(
         METRICS_LOCATION=str(workdir / "logs"),
     )
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.pop("TS_OPEN_INFERENCE_PROTOCOL", None)  # read even with enable_envvars_config=false; it would override the config
     cmd = [_torchserve(), "--start", "--foreground", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     if not auth:
         cmd.append("--disable-token-auth")
@@ -439,6 +457,13 @@ def serve_forever(args: Any) -> int:
         if caught:
             raise KeyboardInterrupt
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
+        at = grpc_host(server.host)
+        at = f"[{at}]" if ":" in at else at
+        print(
+            f"gRPC (loopback only): inference {at}:{server.ports['grpc_inference']} (TorchServe's Predictions, and the "
+            f"Open Inference Protocol's ModelInfer), management {at}:{server.ports['grpc_management']}",
+            file=sys.stderr,
+        )
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
         status = wait_ready(server, 600)
         for name, s in sorted(status.items()):
