@@ -298,3 +298,23 @@ def test_non_persistent_buffers_come_from_the_constructor_without_allocating_wei
     assert torch.equal(loaded.model.scale, torch.full((2,), 3.0))
     assert loaded.model.fc.weight.device.type == "cpu"
     torch.testing.assert_close(loaded.model(torch.ones(1, 4)), ref(torch.ones(1, 4)), rtol=0, atol=0)
+
+
+def test_the_distribution_scan_is_kept_on_disk_until_a_path_folder_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build in a new process reads the scan of installed distributions from a small file; installing or
+    removing a distribution (a change to a folder on sys.path) makes it scan again."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.setattr(imports, "CACHE", tmp_path / "cache")
+    monkeypatch.syspath_prepend(str(folder))
+    imports._distributions.cache_clear()
+    first = imports._distributions()
+    (written,) = (tmp_path / "cache").glob("distributions-*.json")
+    assert json.loads(written.read_text()) == first and "yaml" in first
+    written.write_text(json.dumps({"planted": ["by-the-test"]}))  # what a new process would read
+    imports._distributions.cache_clear()
+    assert imports._distributions() == {"planted": ["by-the-test"]}
+    (folder / "newdist-1.0.dist-info").mkdir()  # an install changes the folder
+    imports._distributions.cache_clear()
+    assert imports._distributions() == first
+    imports._distributions.cache_clear()
