@@ -119,16 +119,8 @@ def _run_transformers(spec: Spec, source: ModelSource, raw: RawCheckpoint) -> Lo
     unexpected = sorted(info["unexpected_keys"])
     mismatched = sorted(info["mismatched_keys"])
     if cfg.strict and (missing or unexpected or mismatched):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if mismatched:
-            shapes = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
-            parts.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
-        hint = "check architecture.kwargs, or strict: false" if mismatched else "set checkpoint.key_map or strip_prefix, or strict: false"
-        raise CheckpointError(f"checkpoint {raw.path}: as transformers loads it, {', '.join(parts)}; {hint}")
+        shapes = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+        raise CheckpointError(f"checkpoint {raw.path}: as transformers loads it, {_key_faults(missing, unexpected, shapes)}")
     state = model.state_dict()
     if not cfg.allow_nonfinite:
         bad = sorted(k for k, v in state.items() if v.dtype.is_floating_point and not _all_finite(v))
@@ -157,18 +149,20 @@ def _check_keys(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], tied: 
         return set(unexpected) | set(mismatched)
     if not (missing or unexpected or mismatched):
         return set()
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}" for k in mismatched]
+    raise CheckpointError(f"checkpoint {raw.path}: {_key_faults(missing, unexpected, shapes)}")
+
+
+def _key_faults(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """What a strict load found wrong with the keys, and what to do: `2 missing keys (...), 1 unexpected (...); set
+    checkpoint.key_map ...` (`shapes`: one line per key whose shape differs)."""
+    parts = [f"{len(missing)} missing keys ({_few(missing)})"] if missing else []
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-    if mismatched:
-        shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(expected[k].shape)}" for k in mismatched]
-        parts.append(f"{len(mismatched)} shape mismatches ({_few(shapes)})")
-    hint = (
-        "set checkpoint.key_map or strip_prefix, or strict: false" if not mismatched else "check architecture.kwargs, or set strict: false"
-    )
-    raise CheckpointError(f"checkpoint {raw.path}: {', '.join(parts)}; {hint}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches ({_few(shapes)})")
+    hint = "check architecture.kwargs, or set strict: false" if shapes else "set checkpoint.key_map or strip_prefix, or strict: false"
+    return f"{', '.join(parts)}; {hint}"
 
 
 def _check_values(spec: Spec, raw: RawCheckpoint, expected: dict[str, Any], sd: dict[str, Any]) -> list[str]:
