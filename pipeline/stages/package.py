@@ -287,9 +287,10 @@ def run(
 
 
 def _stored_batch(workdir: Path, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Path]:
-    """parity_inputs.npz and parity_outputs.npz (for `marpipe smoke`): the parity batch, cut to its first row when
-    it would take more than the samples' bound (`samples.BOUND`)."""
-    for rows in (None, 1):
+    """parity_inputs.npz and parity_outputs.npz (for `marpipe smoke`): the parity batch, cut to its first two rows
+    when it would take more than the samples' bound (`samples.BOUND`): two rows still check that the served model
+    answers a batch of rows as it answers each (a 3x224x224 image model's batch of two is 1.2 MB)."""
+    for rows in (None, 2):
         files = {}
         for name, arrays in (("parity_inputs.npz", inputs), ("parity_outputs.npz", outputs)):
             archive.write_npz(workdir / name, {k: v[:rows] for k, v in arrays.items()} if rows else arrays)
