@@ -309,7 +309,7 @@ class Front(grpc.GenericRpcHandler):
             context.abort(exc.code(), exc.details() or "")
 
 
-def start_front(host: str, upstream: str, max_message: int, workers: int = 16) -> tuple[grpc.Server, int]:
+def start_front(host: str, upstream: str, max_message: int, workers: int = 64) -> tuple[grpc.Server, int]:
     """Listen on `host` (a free port) and forward to TorchServe's gRPC inference API at `upstream` (host:port);
     returns the running server and its port. `max_message`: the largest message either way (TorchServe's
     max_request_size / max_response_size)."""
