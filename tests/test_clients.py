@@ -197,8 +197,9 @@ def test_open_inference_protocol_over_grpc(server: ts.Server, stubs) -> None:
 
 def test_clients_of_inference_grpc_inference_service_meet_torchserves_package_name(server: ts.Server) -> None:
     """tritonclient.grpc calls inference.GRPCInferenceService; TorchServe 0.12 serves the same service under
-    org.pytorch.serve.grpc.openinference, so it answers UNIMPLEMENTED (docs/requests.md#grpc). When a TorchServe
-    serves the standard name, this test fails: then the Triton and KServe gRPC clients are to be tested here."""
+    org.pytorch.serve.grpc.openinference, so on its own port it answers UNIMPLEMENTED (docs/requests.md#grpc); the
+    port `marpipe serve` prints is a front that serves the standard name (tests/test_grpc_front.py). When a TorchServe
+    serves the standard name itself, this test fails: then the front may go."""
     import subprocess
     import sys
 

@@ -259,7 +259,7 @@ def test_marpipe_serve_is_closed_by_default(store: Path, tmp_path: Path) -> None
     proc, text = start_serve(one, port, workdir, f"--vmargs={ts.QUICK_JIT}", timeout=240)
     try:
         assert "READY" in text and f"keys in {workdir / 'key_file.json'}" in text, text
-        assert "gRPC (loopback only): inference 127.0.0.1:" in text, text
+        assert "gRPC: inference 127.0.0.1:" in text and "own gRPC on loopback only: inference 127.0.0.1:" in text, text
         config = (workdir / "config.properties").read_text()
         for setting in (
             "inference_address=http://127.0.0.1:",

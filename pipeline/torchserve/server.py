@@ -429,10 +429,20 @@ def running(store: Path, archives: list[Path] | None = None, **kwargs: Any):
         stop(server)
 
 
+def _max_message(server: Server) -> int:
+    """The largest gRPC message the front passes: TorchServe's own request and response limits, from its config."""
+    sizes = [DEFAULT_MAX_RESPONSE_SIZE]
+    for line in (server.workdir / "config.properties").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key in ("max_request_size", "max_response_size") and value.strip().isdigit():
+            sizes.append(int(value))
+    return max(sizes)
+
+
 def serve_forever(args: Any) -> int:
     """`marpipe serve`: TorchServe in the foreground with the safe configuration until Ctrl-C or SIGTERM,
     both of which stop TorchServe, its JVM and its workers before marpipe exits."""
-    started: list[Server] = []
+    started: list[Any] = []  # the Server, then the gRPC front
     caught: list[int] = []
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -459,9 +469,15 @@ def serve_forever(args: Any) -> int:
         print(f"TorchServe starting: inference {server.url('inference', '/')}, management {server.url('management', '/')}", file=sys.stderr)
         at = grpc_host(server.host)
         at = f"[{at}]" if ":" in at else at
+        from pipeline.torchserve.grpc_front import start_front  # grpcio: only `serve` needs it
+
+        front, port = start_front(server.host, f"{at}:{server.ports['grpc_inference']}", _max_message(server))
+        started.append(front)
+        public = f"[{server.host}]" if ":" in server.host else server.host
         print(
-            f"gRPC (loopback only): inference {at}:{server.ports['grpc_inference']} (TorchServe's Predictions, and the "
-            f"Open Inference Protocol's ModelInfer), management {at}:{server.ports['grpc_management']}",
+            f"gRPC: inference {public}:{port} (inference.GRPCInferenceService: ModelInfer and the v2 health and metadata calls; "
+            f"TorchServe's Predictions and StreamPredictions); TorchServe's own gRPC on loopback only: inference "
+            f"{at}:{server.ports['grpc_inference']}, management {at}:{server.ports['grpc_management']}",
             file=sys.stderr,
         )
         print(f"config, logs and temp files in {server.workdir}", file=sys.stderr)
@@ -491,6 +507,8 @@ def serve_forever(args: Any) -> int:
         if started:
             name = signal.Signals(caught[0]).name if caught else None
             print(f"stopping TorchServe{f' ({name})' if name else ''}", file=sys.stderr)
+            if len(started) > 1:
+                started[1].stop(grace=1).wait(5)
             stop(started[0])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
