@@ -259,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.torchserve.server import serve_forever
+    from pipeline.torchserve.serve import serve_forever
 
     return serve_forever(args)
 
