@@ -36,6 +36,19 @@ def samples():
 """
 
 
+CLIENT_TEXTS = ["the quick brown fox", "a dog"]
+
+
+def client_inputs() -> dict[str, dict[str, np.ndarray]]:
+    """What the client tests send to the one-input, two-input and text models of `request_specs`."""
+    rng = np.random.default_rng(5)
+    return {
+        "one": {"x": rng.standard_normal((2, 4)).astype(np.float32)},
+        "two": {"x": rng.standard_normal((2, 4)).astype(np.float32), "seq": rng.standard_normal((2, 3, 4)).astype(np.float32)},
+        "text": {"text": np.array(CLIENT_TEXTS, dtype=object)},
+    }
+
+
 def make_tokenizer(path: Path) -> Path:
     """A word-level tokenizer with BERT's [CLS] ... [SEP] template, built here (nothing is downloaded)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

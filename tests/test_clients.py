@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from conftest import Project, serving
 from grpc_stubs import generate
-from request_models import request_specs
+from request_models import CLIENT_TEXTS, client_inputs, request_specs
 
 from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
-TEXTS = ["the quick brown fox", "a dog"]
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +44,6 @@ def server(project: Project):
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("stubs"))
-
-
-def _inputs() -> dict[str, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(5)
-    return {
-        "one": {"x": rng.standard_normal((2, 4)).astype(np.float32)},
-        "two": {"x": rng.standard_normal((2, 4)).astype(np.float32), "seq": rng.standard_normal((2, 3, 4)).astype(np.float32)},
-        "text": {"text": np.array(TEXTS, dtype=object)},
-    }
 
 
 def _auth(server: ts.Server) -> dict[str, str]:
@@ -97,7 +87,7 @@ def test_kserve_sdk_rest_v2_and_v1_answer_like_json(server: ts.Server) -> None:
         v1 = InferenceRESTClient(RESTConfig(protocol="v1"))
         assert await v2.is_server_live(base, headers=_auth(server))
         assert await v2.is_server_ready(base, headers=_auth(server))
-        for model, inputs in _inputs().items():
+        for model, inputs in client_inputs().items():
             want = _json_answer(server, model, inputs)
             tensors = []
             for name, value in inputs.items():
@@ -125,7 +115,7 @@ def test_tritonclient_http_binary_by_default_and_json(server: ts.Server) -> None
 
     client = httpclient.InferenceServerClient(f"{server.host}:{server.ports['inference']}")
     assert client.is_server_live(headers=_auth(server)) and client.is_server_ready(headers=_auth(server))
-    for model, inputs in _inputs().items():
+    for model, inputs in client_inputs().items():
         want = _json_answer(server, model, inputs)
         for binary in (True, False):
             tensors = []
@@ -164,7 +154,7 @@ def test_open_inference_protocol_over_grpc(server: ts.Server, stubs) -> None:
         stub = stub_module.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest(), metadata=metadata).live
         assert stub.ServerReady(pb.ServerReadyRequest(), metadata=metadata).ready
-        for model, inputs in _inputs().items():
+        for model, inputs in client_inputs().items():
             want = _json_answer(server, model, inputs)
             answer = stub.ModelInfer(_model_infer(stubs, model, inputs), metadata=metadata, timeout=30)
             assert answer.id == "g-1" and answer.model_name == model
@@ -177,7 +167,7 @@ def test_open_inference_protocol_over_grpc(server: ts.Server, stubs) -> None:
             stub.ModelInfer(_model_infer(stubs, "one", {"y": np.zeros((1, 4), np.float32)}), metadata=metadata, timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown inputs ['y']" in raised.value.details()
         # errors batched with good requests: the good ones answered, the bad one told in its answer, nobody killed
-        good, bad = _inputs()["one"], {"y": np.zeros((1, 4), np.float32)}
+        good, bad = client_inputs()["one"], {"y": np.zeros((1, 4), np.float32)}
         with ThreadPoolExecutor(8) as pool:
             futures = [
                 pool.submit(stub.ModelInfer, _model_infer(stubs, "one", bad if i % 2 else good, f"b-{i}"), metadata=metadata, timeout=30)
@@ -231,16 +221,16 @@ def test_torchserve_grpc_predictions_in_every_body_form(server: ts.Server, stubs
             answer = stub.Predictions(pb.PredictionsRequest(model_name=model, input=entries), metadata=metadata, timeout=30)
             return {k: np.asarray(v, dtype=np.float32) for k, v in json.loads(answer.prediction)["outputs"].items()}
 
-        for model, inputs in _inputs().items():
+        for model, inputs in client_inputs().items():
             want = _json_answer(server, model, inputs)
             body = json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode()
             _same(predict(model, {"data": body}), want)
             _same(predict(model, {"body": body}), want)
             if model != "text":  # a text model's "text" entry is the text itself (below)
                 _same(predict(model, {k: json.dumps(v.tolist()).encode() for k, v in inputs.items()}), want)
-        one_text = _json_answer(server, "text", {"text": np.array(TEXTS[:1], dtype=object)})
-        _same(predict("text", {"data": TEXTS[0].encode()}), one_text)  # plain text: gRPC has no content type
-        _same(predict("text", {"text": TEXTS[0].encode()}), one_text)
+        one_text = _json_answer(server, "text", {"text": np.array(CLIENT_TEXTS[:1], dtype=object)})
+        _same(predict("text", {"data": CLIENT_TEXTS[0].encode()}), one_text)  # plain text: gRPC has no content type
+        _same(predict("text", {"text": CLIENT_TEXTS[0].encode()}), one_text)
         with pytest.raises(grpc.RpcError) as raised:
             stub.Predictions(pb.PredictionsRequest(model_name="one", input={"data": b"[[1, 2]]"}), metadata=metadata, timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dimension 1 must be 4" in raised.value.details()
@@ -332,7 +322,7 @@ def test_the_kserve_wrappers_request_forms(server: ts.Server, stubs) -> None:
     headers = {**_auth(server), "Content-Type": "application/json"}
     with grpc.insecure_channel(f"{server.host}:{server.ports['grpc_inference']}") as channel:
         stub = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-        for model, inputs in _inputs().items():
+        for model, inputs in client_inputs().items():
             if model == "text":
                 inputs = {"text": inputs["text"][:1]}  # the wrapper's gRPC carries one string per BYTES input
             want = _json_answer(server, model, inputs)

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from conftest import Project, start_serve
 from grpc_stubs import generate
-from request_models import request_specs
+from request_models import client_inputs, request_specs
 
 from pipeline.torchserve import server as ts
 from pipeline.torchserve.grpc_front import Invalid, raw_answer, typed_request
 
-TEXTS = ["the quick brown fox", "a dog"]
 RAW = {  # datatype → (numpy type, the typed contents field, values)
     "FP32": (np.float32, "fp32_contents", [1.5, -2.25, 0.0, 3e38]),
     "FP64": (np.float64, "fp64_contents", [1.5, -2.25, 0.0, 1e300]),
@@ -131,15 +130,6 @@ def served(tmp_path_factory):
         assert proc.wait(timeout=60) == 0
 
 
-def _inputs() -> dict[str, dict[str, np.ndarray]]:
-    rng = np.random.default_rng(5)
-    return {
-        "one": {"x": rng.standard_normal((2, 4)).astype(np.float32)},
-        "two": {"x": rng.standard_normal((2, 4)).astype(np.float32), "seq": rng.standard_normal((2, 3, 4)).astype(np.float32)},
-        "text": {"text": np.array(TEXTS, dtype=object)},
-    }
-
-
 def _json_answer(served: dict, model: str, inputs: dict[str, np.ndarray]) -> dict[str, list]:
     body = json.dumps({"inputs": {k: v.tolist() for k, v in inputs.items()}}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json; raw=true"}
@@ -219,14 +209,14 @@ def test_standard_grpc_clients_answer_like_json(served: dict, client: str) -> No
     module = "tritonclient.grpc" if client == "tritonclient" else "kserve"
     if subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode:
         pytest.skip(f"{module} does not import here")
-    doc = {m: {n: ["BYTES" if v.dtype == object else "FP32", v.tolist()] for n, v in ins.items()} for m, ins in _inputs().items()}
+    doc = {m: {n: ["BYTES" if v.dtype == object else "FP32", v.tolist()] for n, v in ins.items()} for m, ins in client_inputs().items()}
     script = TRITON if client == "tritonclient" else KSERVE
     args = [sys.executable, "-c", script, f"127.0.0.1:{served['grpc']}", served["key"], json.dumps(doc)]
     run = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     said = json.loads(run.stdout.splitlines()[-1])
     assert said["live"] is True and said["ready"] is True
-    for model, inputs in _inputs().items():
+    for model, inputs in client_inputs().items():
         want = _json_answer(served, model, inputs)
         got = said["answers"][model]
         assert sorted(got) == sorted(want), (model, got)

@@ -24,7 +24,6 @@ from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, serving_runner
 from .requirements import check as check_requirements
-from .rows import per_row as rows_of
 
 log = logging.getLogger("marpipe_handler")
 
@@ -93,7 +92,7 @@ class Service:
             encode_hook = self.contract.hooks is not None and hasattr(self.contract.hooks, "encode")
             if request.v2 is None and not request.npz and (request.raw or not encode_hook):
                 per_token = [n for n, axes in trim.items() if axes == [1] and (request.raw or n not in self.contract.labels)]
-                mine = rows_of(mine, request.arrays, per_token)
+                mine = rows.per_row(mine, request.arrays, per_token)
             try:
                 body, ctype = codecs.encode(mine, request, self.contract)
             except Exception as exc:  # a user encode hook, or an output JSON cannot hold: this request alone

@@ -12,7 +12,6 @@ report carries the timings.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: B
 
     report = steps.BuildReport(spec=str(spec.source), name=spec.name, format="auto")
     dev = parity.resolve_device(spec, device)
-    steps.clean_stale_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{__import__('os').getpid()}-{spec.name}-"))
+    workdir = steps.workdir(spec.name)
     try:
         loaded = steps.timed(report, "load", lambda: load.run(spec), steps.load_detail)
         candidates: list[Candidate] = []

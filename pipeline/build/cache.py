@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pipeline
 from pipeline.digests import file_sha256, tree_sha256, versions
+from pipeline.sources.imports import distributions_of
 from pipeline.spec.spec import Spec
 from pipeline.store.archive import fixed_time
 
@@ -63,10 +66,8 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
 def factory_source(ref: str) -> dict[str, str | None]:
     """What a factory's code is, without importing it: the version of the distribution that installs its top-level
     package, or else the content of the module file or package folder found on sys.path."""
-    import importlib.util
-
     top = ref.split(":")[0].split(".")[0]
-    dists = importlib.metadata.packages_distributions().get(top)
+    dists = distributions_of(top)  # the scan of installed distributions the requirements use, kept on disk
     if dists:
         return {d: importlib.metadata.version(d) for d in sorted(set(dists))}
     found = importlib.util.find_spec(top)  # a top-level name: found on sys.path, nothing imported

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.build import cache, reports
+from pipeline.build.steps import STAGES
 from pipeline.errors import PipelineError, SpecError
 from pipeline.spec.spec import Spec, load_spec
 from pipeline.store import signing, stores
-
-STAGES = ("load", "export", "parity", "package")
 
 
 def shard(value: str) -> tuple[int, int]:

@@ -6,13 +6,11 @@ stages; a spec whose format is `auto` is handed to it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from pipeline.build import auto, steps
-from pipeline.build.steps import BuildKey, BuildReport, clean_stale_workdirs, load_detail, package_detail, record_key, timed
+from pipeline.build.steps import BuildKey, BuildReport, load_detail, package_detail, record_key, timed
 from pipeline.errors import PipelineError
 from pipeline.spec.spec import AUTO, Spec
 
@@ -32,8 +30,7 @@ def build(
         return auto.build(spec, store, device, layout, build_key, sign_key)
     report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
     dev = parity.resolve_device(spec, device)
-    clean_stale_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=f"marpipe-{os.getpid()}-{spec.name}-"))  # private: builds never share it
+    workdir = steps.workdir(spec.name)
     try:
         loaded = timed(report, "load", lambda: load.run(spec), load_detail)
         exported = timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")

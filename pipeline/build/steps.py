@@ -90,6 +90,13 @@ def record_key(meta: dict[str, Any], build_key: BuildKey) -> None:
         meta["build_key"] = build_key() if callable(build_key) else build_key
 
 
+def workdir(name: str) -> Path:
+    """A private staging folder for one build of `name` (builds never share one), after removing those of builds
+    that were killed; the caller removes it."""
+    clean_stale_workdirs()
+    return Path(tempfile.mkdtemp(prefix=f"marpipe-{os.getpid()}-{name}-"))
+
+
 def clean_stale_workdirs() -> None:
     """Remove staging folders of builds that were killed (their pid no longer runs)."""
     for path in Path(tempfile.gettempdir()).glob("marpipe-*-*"):

@@ -195,6 +195,7 @@ def _references(spec: Spec, loaded: Loaded, model: Any, cases: list, names: list
 
 
 def _eager_rows(spec: Spec, model: Any, arrays: dict[str, np.ndarray], names: list[str], device: str, by_name: bool) -> dict:
+    """The eager model's named outputs for numpy inputs, cast to the declared dtypes on `device`."""
     import torch
 
     from handlers.marpipe_serving.models import name_outputs
@@ -226,10 +227,7 @@ def _raw_samples(
     the handler gives: `select: last` applied, texts' per-token outputs trimmed row by row)."""
     if not samples.needed(spec):
         return []
-    import torch
-
     from handlers.marpipe_serving.contract import Contract
-    from handlers.marpipe_serving.models import name_outputs
 
     contract = Contract(meta, str(workdir))
     names = [o["name"] for o in meta["outputs"]]
@@ -238,8 +236,7 @@ def _raw_samples(
     per_token = [n for n, shape in shapes.items() if n not in selected and n not in contract.labels and pad and shape[1:2] == [pad]]
     made = samples.make(spec, contract)
     for s in made:
-        tensors = {t.name: torch.from_numpy(s.arrays[t.name]).to(device, getattr(torch, t.dtype)) for t in spec.inputs}
-        s.expected = name_outputs(run_eager(spec, model, tensors, by_name), names)
+        s.expected = _eager_rows(spec, model, s.arrays, names, device, by_name)
         chosen = select_last(s.expected, s.arrays, selected)
         s.stored = chosen if chosen is not s.expected else None
         s.answer = samples.answer(per_row(chosen, s.arrays, per_token), contract)

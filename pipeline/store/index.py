@@ -42,10 +42,7 @@ def list_archives(folder: Path) -> list[Path]:
 def metadata(path: Path) -> dict[str, Any]:
     """An archive's marpipe.json, from the zip or the directory."""
     try:
-        if path.is_dir():
-            return json.loads((path / archive.METADATA).read_text())
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read(archive.METADATA))
+        return json.loads(layout.read_entry(path, archive.METADATA))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise PackageError(f"{path}: cannot read {archive.METADATA} ({exc}); rebuild it or remove it from the store") from None
 

@@ -22,14 +22,19 @@ HEADROOM = 4096  # multipart/HTTP framing TorchServe may count beside the body i
 
 def max_request_size(config: Path) -> int:
     """The server's limit: `max_request_size` from its config.properties, else TorchServe's default."""
+    return config_size(config, "max_request_size", DEFAULT_MAX_REQUEST_SIZE)
+
+
+def config_size(config: Path, name: str, default: int) -> int:
+    """A size setting (bytes) from a TorchServe config.properties, else `default`."""
     try:
         for line in config.read_text().splitlines():
             key, _, value = line.partition("=")
-            if key.strip() == "max_request_size" and value.strip().isdigit():
+            if key.strip() == name and value.strip().isdigit():
                 return int(value.strip())
     except OSError:
         pass
-    return DEFAULT_MAX_REQUEST_SIZE
+    return default
 
 
 def npz_body(arrays: dict[str, np.ndarray]) -> bytes:

@@ -9,18 +9,16 @@ import signal
 import sys
 from typing import Any
 
+from pipeline.torchserve.fit import config_size
 from pipeline.torchserve.limits import DEFAULT_MAX_RESPONSE_SIZE
 from pipeline.torchserve.server import Server, grpc_host, start, stop, wait_ready
 
 
 def _max_message(server: Server) -> int:
     """The largest gRPC message the front passes: TorchServe's own request and response limits, from its config."""
-    sizes = [DEFAULT_MAX_RESPONSE_SIZE]
-    for line in (server.workdir / "config.properties").read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key in ("max_request_size", "max_response_size") and value.strip().isdigit():
-            sizes.append(int(value))
-    return max(sizes)
+    config = server.workdir / "config.properties"
+    sizes = (config_size(config, key, DEFAULT_MAX_RESPONSE_SIZE) for key in ("max_request_size", "max_response_size"))
+    return max(DEFAULT_MAX_RESPONSE_SIZE, *sizes)
 
 
 def serve_forever(args: Any) -> int:
