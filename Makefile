@@ -5,13 +5,15 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,hf,media,s3
 STORE  ?= model_store
+# make test-gpu: the Python that has CUDA torch (not .venv, whose torch is the CPU build); DRY=1 rehearses it on a CPU
+GPU_PYTHON ?= python3
 PY     := $(VENV)/bin/python
 MARPIPE := $(VENV)/bin/marpipe
 STAMP  := $(VENV)/.installed
 SPECS  := $(wildcard examples/*.yaml)
 CKPTS  := examples/checkpoints/.done
 
-.PHONY: help setup build release test smoke serve lint bench clean distclean
+.PHONY: help setup build release test test-gpu smoke serve lint bench clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +45,9 @@ release: $(STAMP) $(CKPTS) ## build every example in every format with 2 jobs; J
 
 test: $(STAMP) ## run the whole test suite (starts real TorchServe instances on loopback)
 	$(PY) -m pytest
+
+test-gpu: ## on a GPU machine: install marpipe (no deps) in a temp folder, run tests/gpu/ against it (DRY=1: on the CPU)
+	$(GPU_PYTHON) tests/gpu/run.py $(if $(DRY),--dry)
 
 smoke: build ## serve $(STORE)/ with TorchServe and check each archive answers like eager
 	$(MARPIPE) smoke --store $(STORE)

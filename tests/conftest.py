@@ -16,13 +16,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(__file__).resolve().parent / "models" / "tiny.py"
+# `make test-gpu` (tests/gpu/run.py) runs the tests against marpipe as pip installed it into this folder: the CLI's
+# subprocesses import it from there (and start there, so that this tree is not on their sys.path)
+SITE = os.environ.get("MARPIPE_TEST_SITE")
+# `make test-gpu DRY=1` rehearses the GPU tests that take `gpu_device` on the CPU; `needs_gpu` skips them otherwise
+GPU_DRY = os.environ.get("MARPIPE_GPU_DRY") == "1"
+needs_gpu = pytest.mark.skipif(not (GPU_DRY or torch.cuda.is_available()), reason="needs a CUDA GPU")
 
 
 def marpipe(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI in a fresh process, as make and CI jobs do."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": SITE or str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full_env, cwd=cwd or ROOT, timeout=timeout
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full_env, cwd=cwd or SITE or ROOT, timeout=timeout
     )
 
 
@@ -153,6 +159,12 @@ class FakeContext:
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def gpu_device() -> str:
+    """The device of the tests under tests/gpu/: cuda, or cpu where `make test-gpu DRY=1` rehearses them."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

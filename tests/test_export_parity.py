@@ -140,16 +140,6 @@ def test_format_all_names_archives_by_format_and_records_parity(project: Project
     assert {"torch", "onnx", "onnxruntime", "marpipe"} <= set(meta["parity"]["versions"])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_parity_on_gpu(project: Project, fmt: str) -> None:
-    project.save(project.model("Linear").state_dict(), "tiny.pth")
-    result = project.build("--device", "cuda", "--format", fmt, project.spec(parity={"atol": 1e-4, "rtol": 1e-3}))
-    assert result.returncode == 0, result.stderr
-    assert _meta(project.store / "tiny.mar")["parity"]["device"] == "cuda"
-
-
 def test_inputs_that_do_not_fit_the_model_are_a_spec_error(project: Project) -> None:
     project.save(project.model("Linear").state_dict(), "tiny.pth")
     result = project.build(project.spec(inputs=[{"name": "x", "shape": ["batch", 5]}]))
