@@ -10,8 +10,8 @@ network, Java or TorchServe; pytest perhaps. Standard library only, so it runs b
 2. session.py runs the tests with PYTHONPATH=SITE, from SITE (so `pipeline` never comes from this tree; the tests'
    `marpipe` subprocesses get MARPIPE_TEST_SITE=SITE), with pytest if installed, else with minitest (minitest.py, minirun.py).
 3. One line per test (outcome, seconds, skip reason or the failure's first line) as each ends, and again in the
-   summary, then the tally `test-gpu: N passed, N failed, N skipped in S s`. Exit 1 if anything failed, a test file
-   did not import, no test ran, or the run passed --timeout (its unfinished test is named).
+   summary, then the tally `test-gpu: N passed, N failed, N skipped in S s`. Exit 1 if anything failed, torch saw no
+   GPU, a test file did not import, no test ran, or the run passed --timeout (its unfinished test is named).
 
 --dry (`make test-gpu DRY=1`, run by tests/test_gpu_dry.py in CI): the same install, then the run as a GPU machine
 would see it: a sitecustomize.py in SITE marks the packages such a machine lacks (BLOCKED) as absent in every process
@@ -126,7 +126,7 @@ def _session(site: Path, tmp: Path, paths: list[str], dry: bool, timeout: float)
     if dry:
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env.update(MARPIPE_GPU_DRY="1", MARPIPE_BLOCK_IMPORTS=",".join(BLOCKED + NO_PYTEST))
-        cmd.insert(2, "--dry")
+    cmd.insert(2, "--dry" if dry else "--require-gpu")
     proc = subprocess.Popen(cmd, cwd=site, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=timeout), results

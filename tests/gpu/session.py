@@ -6,7 +6,9 @@ it is known (a failure's traceback under it) and appended to the --results file 
 summary. With --dry, first builds a tiny Linear in every format in this process, `inspect`s and `verify`s it:
 under run.py's import block, that is the proof that a build needs none of the packages a GPU machine lacks.
 
-Usage: session.py --results FILE [--shim] [--dry] TEST_PATH...
+With --require-gpu (make test-gpu), a torch that sees no GPU is a failure: every test would be skipped.
+
+Usage: session.py --results FILE [--shim] [--dry | --require-gpu] TEST_PATH...
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class PytestReporter:
         state["seconds"] += report.duration
         if report.skipped and state["outcome"] == "passed":
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            state.update(outcome="skipped", detail=reason.removeprefix("Skipped: "))
+            reason = f"xfail: {report.wasxfail}" if hasattr(report, "wasxfail") else reason.removeprefix("Skipped: ")
+            state.update(outcome="skipped", detail=reason)
         elif report.failed and state["outcome"] != "failed":
             crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", "") or _last_error_line(report.longreprtext)
             where = "" if report.when == "call" else f"error at {report.when}: "
@@ -109,7 +112,21 @@ def _machine() -> str:
     import torch
 
     gpu = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{gpu}, torch {torch.__version__}, python {sys.version.split()[0]}"
+    cuda = f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (a CPU build)"
+    return f"{gpu}, torch {torch.__version__}{cuda}, python {sys.version.split()[0]}"
+
+
+def gpu_seen(emit: Emitter) -> bool:
+    """Whether torch sees a GPU; if not, a failed line: on such a machine every GPU test is skipped, and a run that
+    checked nothing must not pass."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+    why = f"torch {torch.__version__} ({build}) sees no CUDA GPU: set GPU_PYTHON to a Python with CUDA torch, or DRY=1 on a CPU"
+    emit("cuda", "failed", 0.0, why)
+    return False
 
 
 TINY = """import torch
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--shim", action="store_true", help="use minitest even where pytest is installed")
     p.add_argument("--dry", action="store_true", help="first build, inspect and verify a tiny Linear in this process")
+    p.add_argument("--require-gpu", action="store_true", help="fail (and still run the tests) if torch sees no GPU")
     args = p.parse_args(argv)
     emit = Emitter(args.results)
     where = _use_installed()
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine()
     emit.record("meta", machine=machine, marpipe=where, runner=runner)
     emit.out.write(f"session: {machine}; {where}; tests run by {runner}\n")
-    ok = dry_build(emit, args.results.parent / "dry-build") if args.dry else True
+    ok = dry_build(emit, args.results.parent / "dry-build") if args.dry else gpu_seen(emit) if args.require_gpu else True
     paths = [p.resolve() for p in args.paths]
     if pytest is not None:
         rc = pytest.main(
