@@ -165,6 +165,7 @@ def export(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, path:
     """`torch.export` with the batch and every declared dynamic dim as export dims (bounded by `dims.NAME.max`),
     then `aoti_compile_and_package` into `path`, for `device`."""
     import torch
+    from torch._inductor import aoti_compile_and_package
 
     from pipeline.store import repro
 
@@ -189,7 +190,7 @@ def export(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, path:
             start = time.perf_counter()
             with _compile_folder(spec.name):
                 try:
-                    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs(record))
+                    aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs(record))
                 except Exception as exc:
                     raise ExportError(f"{spec.name}: aoti: AOTInductor failed to compile: {_first(exc)}"[:600]) from None
             took = time.perf_counter() - start
