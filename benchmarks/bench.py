@@ -287,8 +287,8 @@ def _bench_specs(out: Path) -> list[tuple[str, Path, tuple[int, ...], tuple[str,
         )
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_checkpoints.py")], check=True, stdout=subprocess.DEVNULL)
     return [
-        ("cnn", ROOT / "examples" / "cnn.yaml", (3, 32, 32), ("eager", "torchscript", "onnx"), 1, folder / "identity.yaml"),
-        ("imagecnn", folder / "imagecnn.yaml", (3, 224, 224), ("eager", "torchscript", "onnx"), 0.4, folder / "identity224.yaml"),
+        ("cnn", ROOT / "examples" / "cnn.yaml", (3, 32, 32), ("eager", "torchscript", "onnx", "aoti"), 1, folder / "identity.yaml"),
+        ("imagecnn", folder / "imagecnn.yaml", (3, 224, 224), ("eager", "torchscript", "onnx", "aoti"), 0.4, folder / "identity224.yaml"),
         ("identity", folder / "identity.yaml", (3, 32, 32), ("eager",), 1, folder / "identity.yaml"),
     ]
 
@@ -308,13 +308,18 @@ class _Ceiling:
         torch.set_num_threads(os.cpu_count() or 1)
         self.runner = load_runner(str(folder), meta, "cpu", None, os.cpu_count() or 1)
         self.batch = {"image": np.repeat(image, 8, axis=0)}
+        self.one = {"image": image}
 
     def measure(self) -> float:
         """About a second of forward passes (at least 5): the median's rate."""
+        return 8 * 1000 / self.latency_ms(self.batch)
+
+    def latency_ms(self, batch: dict[str, np.ndarray]) -> float:
+        """The median ms of about a second of forward passes of `batch` (at least 5)."""
         from pipeline.build.bench import measure
 
-        first = measure(self.runner, self.batch, 3, warmup=1)["median_ms"]
-        return 8 * 1000 / measure(self.runner, self.batch, max(5, min(1000, int(1000 / max(first, 1e-3)))), warmup=3)["median_ms"]
+        first = measure(self.runner, batch, 3, warmup=1)["median_ms"]
+        return measure(self.runner, batch, max(5, min(1000, int(1000 / max(first, 1e-3)))), warmup=3)["median_ms"]
 
 
 def _warm_up(srv: Any, path: str, body: bytes, headers: dict, concurrency: int, seconds: float = 8.0, most: int = 400) -> None:
@@ -414,7 +419,9 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
             continue
         store = out / f"serve_{label}"
         shutil.rmtree(store, ignore_errors=True)
-        run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", ",".join(formats), str(spec)])
+        built = out / f"build_{label}.json"
+        run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", ",".join(formats), "--report", str(built), str(spec)])
+        compiled = {b["format"]: b.get("compile_s") for b in json.loads(built.read_text())["builds"]}
         if warm_spec != spec:
             run([str(BIN / "marpipe"), "build", "--store", str(store), "--format", "eager", str(warm_spec)])
         warm_name = warm_spec.stem
@@ -435,7 +442,7 @@ def bench_serving(out: Path, total: int, concurrency: int, models: set[str], run
             archive = store / f"{name}.mar"
             ceiling = _Ceiling(archive, out / f"ceiling_{name}", image)
             before = ceiling.measure()
-            row: dict = {}
+            row: dict = {"latency_b1_ms": ceiling.latency_ms(ceiling.one), "compile_s": compiled.get(fmt)}
             path, load = f"/predictions/{name}", (count, concurrency, runs)
             with ts.running(store, sorted({archive, store / f"{warm_name}.mar"}), auth=False, vmargs=vmargs) as srv:
                 if set(ts.wait_ready(srv, 300).values()) != {"READY"}:
@@ -519,16 +526,19 @@ def report(results: dict) -> None:
             "< 0.1 ms of CPU a request)"
         )
         print(
-            f"  {'model':<10} {'format':<12} {'batch 8 ms':>10} {'ceiling/s':>10} {'body':<5} {'req/s':>8} {'p50 ms':>8} "
-            f"{'p99 ms':>8} {'of ceiling':>10} {'of npz':>7}   JIT warm-up"
+            f"  {'model':<10} {'format':<12} {'batch 1 ms':>10} {'batch 8 ms':>10} {'compile s':>9} {'ceiling/s':>10} {'body':<5} "
+            f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'of ceiling':>10} {'of npz':>7}   JIT warm-up"
         )
         for label, model in s["models"].items():
             for fmt, row in model["formats"].items():
                 for kind in ("fresh", "npz", "json", "jpeg", "v2bin"):
                     if kind in row:
                         r = row[kind]
+                        took = "-" if row.get("compile_s") is None else f"{row['compile_s']:.1f}"
+                        b1 = row.get("latency_b1_ms")
                         print(
-                            f"  {label:<10} {fmt:<12} {row['latency_ms']:10.2f} {row['ceiling_rows_per_s']:10.0f} {kind:<5} "
+                            f"  {label:<10} {fmt:<12} {'-' if b1 is None else f'{b1:.2f}':>10} {row['latency_ms']:10.2f} {took:>9} "
+                            f"{row['ceiling_rows_per_s']:10.0f} {kind:<5} "
                             f"{r['rps']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {100 * r['of_ceiling']:9.1f}% "
                             f"{100 * r['of_npz']:6.1f}%" + (_jit_note(row["jit_warm_up"]) if kind == "fresh" else "")
                         )

@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--format",
         type=_formats,
-        help="eager, torchscript, onnx, a comma list or all; "
+        help="eager, torchscript, onnx, aoti, a comma list or all; "
         "with several, archives are named <name>_<format>.mar (default: the spec's export.format)",
     )
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), help="parity device (default: the spec's parity.device)")
@@ -78,8 +78,12 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("index", help="rebuild the store's index.json from its archives")
     x.add_argument("store", metavar="STORE", help="a folder or an fsspec URL such as s3://bucket/prefix")
 
-    i = sub.add_parser("inspect", help="describe a checkpoint: format, sha256, tensors, parameters, prefixes")
-    i.add_argument("checkpoint", type=Path)
+    i = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint (format, sha256, tensors, parameters, prefixes) or an archive (format, inputs, outputs, "
+        "an aoti package's platform and whether this machine can serve it)",
+    )
+    i.add_argument("checkpoint", type=Path, metavar="CHECKPOINT|ARCHIVE")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     v = sub.add_parser("verify", help="check archives: zip integrity, entry names, manifest, every hash (exit 6 on a fault)")
@@ -95,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default="model_store", help="a folder, or an fsspec URL (downloaded first)")
     s.add_argument("--timeout", type=float, default=300, help="seconds to wait for workers to be READY")
 
-    n = sub.add_parser("bench", help="in-process latency of eager, TorchScript and ONNX for a spec, with parity")
+    n = sub.add_parser("bench", help="in-process latency of eager, TorchScript, ONNX and aoti for a spec, with parity")
     n.add_argument("spec", metavar="SPEC")
     n.add_argument("--format", type=_formats, help="formats to compare (default: all)")
     n.add_argument("--iterations", type=int, default=50, help="timed runs per batch size (default 50)")
@@ -196,7 +200,12 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.sources.describe import describe, render
+    from pipeline.store import index, summary
 
+    if index.is_archive(args.checkpoint):
+        info = summary.describe(args.checkpoint)
+        print(json.dumps(info, indent=2) if args.json else summary.render(info))
+        return 0
     info = describe(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 0

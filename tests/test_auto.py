@@ -10,6 +10,7 @@ from conftest import Project, store_state
 
 from pipeline.build.auto import TIE, choose
 from pipeline.build.trial import Candidate
+from pipeline.spec.spec import FORMATS
 
 
 def _meta(path) -> dict:
@@ -22,6 +23,7 @@ def test_the_fastest_wins_and_a_simpler_format_wins_a_tie() -> None:
         return choose([Candidate(f, median_ms=t) for f, t in ms.items()]).format
 
     assert pick(eager=10.0, torchscript=8.0, onnx=4.0) == "onnx"
+    assert pick(eager=10.0, onnx=4.1, aoti=4.0) == "onnx" and pick(eager=10.0, onnx=5.0, aoti=4.0) == "aoti"  # aoti: last on a tie
     assert pick(eager=10.0, torchscript=4.1, onnx=4.0) == "torchscript"  # within 5% of the fastest: simpler
     assert pick(eager=4.0 * (1 + TIE), torchscript=9.0, onnx=4.0) == "eager"
     assert pick(eager=4.0 * (1 + TIE) * 1.01, torchscript=9.0, onnx=4.0) == "onnx"
@@ -87,9 +89,14 @@ def test_all_candidates_failing_exit_with_the_first_failure_s_code(project: Proj
 
 
 def test_auto_on_the_command_line_and_spec_errors(linear_project: Project) -> None:
-    result = linear_project.build("--format", "auto", linear_project.spec())
+    report = linear_project.root / "report.json"
+    result = linear_project.build("--format", "auto", "--report", str(report), linear_project.spec())
     assert result.returncode == 0, result.stderr
-    assert _meta(linear_project.store / "tiny.mar")["auto"]["choice"] in ("eager", "torchscript", "onnx")
+    meta = _meta(linear_project.store / "tiny.mar")
+    assert meta["auto"]["choice"] in FORMATS and list(meta["auto"]["candidates"]) == sorted(FORMATS)  # aoti too, by default
+    tried = json.loads(report.read_text())["builds"][0]["auto"]["candidates"]
+    assert tried["aoti"]["status"] == "passed" and tried["aoti"]["median_ms"] > 0 and tried["aoti"]["compile_s"] > 0
+    assert "tiny                     auto     aoti" in result.stdout and "compiled in" in result.stdout
     assert linear_project.build("--format", "auto,onnx", linear_project.spec()).returncode == 2
     bad = linear_project.spec(name="bad", export={"format": "eager", "candidates": ["onnx"]})
     result = linear_project.build(bad)

@@ -14,10 +14,11 @@ def test_marpipe_bench_compares_formats_with_parity(linear_project: Project) -> 
     result = marpipe("bench", str(linear_project.spec()), "--iterations", "3", "--json", str(out))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [r["format"] for r in rows] == ["eager", "torchscript", "onnx"]
+    assert [r["format"] for r in rows] == ["eager", "torchscript", "onnx", "aoti"]
     for row in rows:
         assert row["parity"] == "pass"
         assert row["batch 1"]["median_ms"] > 0 and row["batch 4"]["p90_ms"] >= row["batch 4"]["median_ms"]
+        assert (row["compile_s"] is not None) == (row["format"] == "aoti")  # aoti's compile time, in its column
     assert "in-process latency" in result.stdout and "torchscript" in result.stdout
 
 

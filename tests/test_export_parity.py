@@ -129,15 +129,22 @@ def test_format_all_names_archives_by_format_and_records_parity(project: Project
     report = project.root / "report.json"
     result = project.build("--format", "all", "--report", str(report), project.spec())
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in project.store.glob("*.mar")) == ["tiny_eager.mar", "tiny_onnx.mar", "tiny_torchscript.mar"]
+    assert sorted(p.name for p in project.store.glob("*.mar")) == [
+        "tiny_aoti.mar",
+        "tiny_eager.mar",
+        "tiny_onnx.mar",
+        "tiny_torchscript.mar",
+    ]
     doc = json.loads(report.read_text())
-    assert [b["format"] for b in doc["builds"]] == FORMATS
+    assert [b["format"] for b in doc["builds"]] == [*FORMATS, "aoti"]
     for build in doc["builds"]:
         assert [s["name"] for s in build["stages"]] == ["load", "export", "parity", "package"]
         assert all(s["status"] == "ok" and s["duration_s"] >= 0 for s in build["stages"])
     meta = _meta(project.store / "tiny_onnx.mar")
     assert meta["parity"]["device"] == "cpu" and meta["parity"]["outputs"]["output"]["passed"]
     assert {"torch", "onnx", "onnxruntime", "marpipe"} <= set(meta["parity"]["versions"])
+    assert [b.get("compile_s", 0) > 0 for b in doc["builds"]] == [False, False, False, True]  # aoti's compile, in the report
+    assert _meta(project.store / "tiny_aoti.mar")["platform"]["torch"] == torch.__version__
 
 
 def test_inputs_that_do_not_fit_the_model_are_a_spec_error(project: Project) -> None:

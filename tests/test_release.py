@@ -28,6 +28,10 @@ from pipeline.cli import parser
 from pipeline.spec.spec import FORMATS, load_spec
 from pipeline.store import archive, index, layout
 
+# The formats whose archives record no path of the build machine; an aoti package is native code that names the
+# torch headers it was compiled against (its rebuilds: tests/test_aoti.py).
+PORTABLE = ("eager", "torchscript", "onnx")
+
 
 def _meta(mar: Path) -> dict:
     with zipfile.ZipFile(mar) as z:
@@ -42,7 +46,7 @@ def _two_specs(project: Project) -> tuple[Path, Path]:
 
 def test_every_format_is_byte_identical_whatever_hash_seed_folder_store_or_mtimes(linear_project: Project, tmp_path: Path) -> None:
     spec = linear_project.spec()
-    first = marpipe("build", "--format", "all", "--store", str(tmp_path / "a"), str(spec), env={"PYTHONHASHSEED": "1"})
+    first = marpipe("build", "--format", ",".join(PORTABLE), "--store", str(tmp_path / "a"), str(spec), env={"PYTHONHASHSEED": "1"})
     assert first.returncode == 0, first.stderr
     moved = tmp_path / "elsewhere" / "project"  # the same files at another path, older mtimes
     shutil.copytree(linear_project.root, moved, ignore=shutil.ignore_patterns("store"))
@@ -51,9 +55,9 @@ def test_every_format_is_byte_identical_whatever_hash_seed_folder_store_or_mtime
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {"PYTHONHASHSEED": "2", "TZ": "Asia/Tokyo"}
-    second = marpipe("build", "--format", "all", "--store", "../b", "../elsewhere/project/tiny.yaml", env=env, cwd=cwd)
+    second = marpipe("build", "--format", ",".join(PORTABLE), "--store", "../b", "../elsewhere/project/tiny.yaml", env=env, cwd=cwd)
     assert second.returncode == 0, second.stderr
-    for fmt in FORMATS:
+    for fmt in PORTABLE:
         a, b = (tmp_path / "a" / f"tiny_{fmt}.mar").read_bytes(), (tmp_path / "b" / f"tiny_{fmt}.mar").read_bytes()
         assert a == b, f"{fmt} archives differ"
         for folder in (linear_project.root, moved, ROOT, Path(sys.prefix)):

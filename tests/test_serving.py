@@ -25,7 +25,7 @@ from pipeline.torchserve import server as ts
 
 pytestmark = pytest.mark.slow
 EXAMPLES = ROOT / "examples"
-FORMATS = ("eager", "torchscript", "onnx")
+FORMATS = ("eager", "torchscript", "onnx")  # aoti is served in tests/test_aoti.py
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,12 @@ def store(tmp_path_factory) -> Path:
     make_checkpoints.main(EXAMPLES / "checkpoints")
     project = Project(tmp_path_factory.mktemp("serving"))
     examples = sorted(p for p in EXAMPLES.glob("*.yaml") if p.stem != "bert")  # the BERT example: tests/test_models.py
-    result = project.build("--format", "all", *examples)
+    result = project.build("--format", ",".join(FORMATS), *examples)
     assert result.returncode == 0, result.stdout + result.stderr
     project.save(project.model("Linear").state_dict(), "tiny.pth")
     two, dict_out = project.multi_io_specs()
     batched = project.spec(name="batched", serve={"batch_size": 8, "max_batch_delay_ms": 300, "max_rows": 16})
-    result = project.build("--format", "all", two, dict_out)
+    result = project.build("--format", ",".join(FORMATS), two, dict_out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert project.build(batched).returncode == 0
     return project.store

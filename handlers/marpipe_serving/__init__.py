@@ -9,7 +9,8 @@ architecture needs (recorded as its requirements, e.g. transformers). TorchServe
 * ``bodies``  — a body or multipart part read as JSON or npz (shared by ``codecs`` and ``contract``);
 * ``contract`` — what the archive's inputs are: checks, casts, images, text, multipart parts;
 * ``npz``     — .npz bodies read and written without zipfile;
-* ``models``  — loading the archive's artifact and running it (eager, TorchScript, ONNX), thread choice;
+* ``models``  — loading the archive's artifact and running it (eager, TorchScript, ONNX, aoti), thread choice;
+* ``aoti``    — an aoti package: its platform record checked against this server, then loaded;
 * ``architectures`` — building the eager model from marpipe.json (file, factory, transformers), tied weights;
 * ``requirements`` — the third-party distributions an eager archive needs, checked at load;
 * ``service`` — TorchServe's entry: decode each request on its own, batch, predict, encode.

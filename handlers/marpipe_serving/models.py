@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import aoti
 from .architectures import builder, has_non_persistent_buffers, load_weights, params_on_meta
 from .npz import read_npz
 from .requirements import check as check_requirements
@@ -271,4 +272,6 @@ def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = No
         return TorchRunner(torch.jit.load(path, map_location=device).eval(), meta, device)
     if fmt == "onnx":
         return OnnxRunner(path, meta, gpu_id if device.startswith("cuda") else None, threads)
+    if fmt == "aoti":  # refused here, in one line, on a server other than the one it was compiled for
+        return TorchRunner(aoti.load(path, meta, device, gpu_id), meta, aoti.run_device(meta, device))
     raise ValueError(f"unknown format {fmt!r} in {METADATA}")

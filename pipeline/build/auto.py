@@ -3,10 +3,11 @@ the handler serves it, and the fastest packaged as the one archive `<name>.mar`.
 
 Timing: the artifact loaded by the handler's own loader with the handler's own thread choice, at the serving
 batch size (`serve.batch_size`) made of the parity inputs, after warm-ups; the median of several runs. The
-fastest wins; a simpler format wins a tie within `TIE` (eager over TorchScript over ONNX): it serves with less.
+fastest wins; a simpler format wins a tie within `TIE` (eager over TorchScript over ONNX over aoti): it serves
+with less. aoti is tried where a C++ compiler is found, and recorded as skipped, with the reason, where none is.
 The archive records the choice and every candidate's status, never the timings, so an `auto` rebuild that makes
 the same choice is byte-identical (and the build cache keeps the choice without measuring again); the build's
-report carries the timings.
+report carries the timings (and aoti's compile time).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def choose(candidates: list[Candidate]) -> Candidate:
 
 def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: BuildKey, sign_key: Path | None = None) -> Any:
     """Build `<name>.mar` from the fastest candidate that passes parity; all failing is the first failure's error
-    (in the order eager, TorchScript, ONNX)."""
+    (in the order eager, TorchScript, ONNX, aoti; aoti skipped for want of a compiler counts as an export failure)."""
     from pipeline.stages import load, package, parity
 
     report = steps.BuildReport(spec=str(spec.source), name=spec.name, format="auto")
@@ -55,7 +56,7 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: B
         report.auto = {"candidates": {c.format: c.report() for c in candidates}}
         if not any(c.status == "passed" for c in candidates):
             first = candidates[0]
-            raise (ExportError if first.status == "failed export" else ParityError)(
+            raise (ParityError if first.status == "failed parity" else ExportError)(
                 f"{spec.name}: format auto: no candidate passed; {first.format}: {first.error}"
             )
         best = choose(candidates)
@@ -86,5 +87,6 @@ def build(spec: Spec, store: Path, device: str | None, layout: str, build_key: B
 
 def _say(name: str, c: Candidate, took: float) -> None:
     timing = f", {c.median_ms:.2f} ms median / {c.p90_ms:.2f} ms p90 at the serving batch" if c.median_ms is not None else ""
+    timing += f", compiled in {c.compile_s:.2f}s" if c.compile_s is not None else ""
     why = f": {c.error}" if c.error else ""
     print(f"{name:<24} auto     {c.format:<12} {took:6.2f}s  {c.status}{timing}{why}"[:400])

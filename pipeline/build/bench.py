@@ -1,4 +1,5 @@
-"""`marpipe bench SPEC`: in-process latency of each format at the spec's batch sizes, with its parity result.
+"""`marpipe bench SPEC`: in-process latency of each format at the spec's batch sizes, with its parity result (and
+aoti's compile time).
 
 Each format goes through the real stages (load, export, parity) into a scratch folder, then the artifact is
 run exactly as the handler runs it. Nothing is written to a model store.
@@ -25,10 +26,11 @@ def bench_format(spec: Spec, loaded: Any, fmt: str, batch_sizes: tuple[int, ...]
     row: dict[str, Any] = {"format": fmt}
     try:
         tried = try_format(spec, loaded, fmt, workdir, device, time_it=False)
-        if tried.status == "failed export":
-            row["parity"] = f"export failed ({tried.exit_code}): {tried.error}"
+        if tried.status in ("failed export", "skipped"):
+            row["parity"] = f"export {tried.status.split()[0]} ({tried.exit_code}): {tried.error}"
             return row
         row["parity"] = "pass" if tried.status == "passed" else f"FAIL ({tried.exit_code})"
+        row["compile_s"] = tried.compile_s
         row["max_abs"] = max(r.max_abs for r in tried.staged["parity"].outputs.values()) if tried.status == "passed" else None
         import torch
 
@@ -50,11 +52,12 @@ def bench(spec: Spec, formats: list[str] | None, iterations: int, device: str) -
     rows = [bench_format(spec, loaded, f, spec.parity.batch_sizes, iterations, device) for f in formats or FORMATS]
     sizes = spec.parity.batch_sizes
     print(f"\n{spec.name}: in-process latency on {device}, median / p90 of {iterations} runs (ms)")
-    print(f"{'format':<12} {'parity':<10} {'max abs':>9}  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))
+    print(f"{'format':<12} {'parity':<10} {'max abs':>9} {'compile':>8}  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))
     for r in rows:
         err = "-" if r.get("max_abs") is None else f"{r['max_abs']:.2g}"
+        took = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}s"
         cells = [_cell(r.get(f"batch {b}")) for b in sizes]
-        print(f"{r['format']:<12} {r['parity'][:10]:<10} {err:>9}  " + "  ".join(cells))
+        print(f"{r['format']:<12} {r['parity'][:10]:<10} {err:>9} {took:>8}  " + "  ".join(cells))
     return rows
 
 

@@ -9,8 +9,8 @@ new spec keys count without a change here; a file the spec names counts by its n
 its location; the spec file's own path is left out), the format, the build options that change the bytes
 (`options`), marpipe's version and the sha256 of its source (`pipeline/`, `handlers/`), the versions of
 python, torch, onnx, onnxscript, onnxruntime, numpy, transformers, tokenizers and Pillow, and a factory's
-distribution (or module source) (from package metadata: nothing is imported), and the zip timestamp
-(`SOURCE_DATE_EPOCH`).
+distribution (or module source) (from package metadata: nothing is imported), the zip timestamp
+(`SOURCE_DATE_EPOCH`), and where aoti may be built, the machine it compiles on (`pipeline.stages.aoti.key`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 import pipeline
 from pipeline.digests import file_sha256, tree_sha256, versions
 from pipeline.sources.imports import distributions_of
-from pipeline.spec.spec import Spec
+from pipeline.spec.spec import AUTO, Spec
+from pipeline.stages import aoti
 from pipeline.store.archive import fixed_time
 
 KEY_VERSION = 1  # bump when what enters the key changes shape
@@ -60,6 +61,9 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
         "versions": versions(),
         "zip_time": list(fixed_time()),
     }
+    fmt = spec.export.format
+    if fmt == "aoti" or (fmt == AUTO and "aoti" in spec.export.candidates):  # native code: bound to this machine
+        doc["aoti"] = aoti.key()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -33,7 +33,8 @@ def build(
     workdir = steps.workdir(spec.name)
     try:
         loaded = timed(report, "load", lambda: load.run(spec), load_detail)
-        exported = timed(report, "export", lambda: export.run(spec, loaded, workdir), lambda e: f"{e.format}: {e.detail}")
+        exported = timed(report, "export", lambda: export.run(spec, loaded, workdir, dev), steps.export_detail)
+        report.compile_s = exported.compile_s
         sources = package.stage_sources(spec, workdir)
         meta = package.metadata(spec, loaded, exported)
         record_key(meta, build_key)

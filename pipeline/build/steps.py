@@ -38,6 +38,7 @@ class BuildReport:
     exit_code: int = 0
     parity: dict[str, Any] | None = None
     auto: dict[str, Any] | None = None  # format auto: each candidate's status and latency, and the choice
+    compile_s: float | None = None  # aoti: the compile's seconds (inside the export stage's)
     digest: Any = None  # the archive's `archive.Digest`, for the index (not part of the report's JSON)
 
     def as_dict(self) -> dict[str, Any]:
@@ -52,6 +53,7 @@ class BuildReport:
             "parity": self.parity,
             "stages": [vars(s) for s in self.stages],
             **({"auto": self.auto} if self.auto else {}),
+            **({"compile_s": self.compile_s} if self.compile_s is not None else {}),
             **({"digest": self.digest._asdict()} if self.digest else {}),
         }
 
@@ -115,6 +117,12 @@ def parity_detail(device: str) -> Callable[[Any], str]:
         return f"{device}, {len(p.shapes)} shapes × {p.samples} samples{extra}"
 
     return detail
+
+
+def export_detail(e: Any) -> str:
+    """The export stage's line: the format and how it was made (an aoti package's compile time too)."""
+    took = f", compiled in {e.compile_s:.2f}s" if e.compile_s is not None else ""
+    return f"{e.format}: {e.detail}{took}"
 
 
 def package_detail(p: Any) -> str:

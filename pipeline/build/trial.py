@@ -23,11 +23,12 @@ class Candidate:
     """One format tried for a spec: its status, and what packaging the winner needs."""
 
     format: str
-    status: str = "passed"  # passed | failed export | failed parity
+    status: str = "passed"  # passed | failed export | failed parity | skipped (aoti without a C++ compiler)
     error: str | None = None
     exit_code: int = 0
     median_ms: float | None = None
     p90_ms: float | None = None
+    compile_s: float | None = None  # aoti: the compile's seconds
     workdir: Path | None = None
     staged: dict[str, Any] = field(default_factory=dict)  # exported, sources, meta, parity (for packaging)
 
@@ -36,23 +37,30 @@ class Candidate:
         return {"status": self.status, **({"error": self.error} if self.error else {})}
 
     def report(self) -> dict[str, Any]:
-        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms}
+        compiled = {"compile_s": self.compile_s} if self.compile_s is not None else {}
+        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms, **compiled}
 
 
 def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True) -> Candidate:
     """Export `fmt`, check parity (the eager model is kept for the next candidate), time it as the handler runs it.
 
     Export and parity failures become the candidate's status (what was staged before a parity failure stays in
-    `staged`, for `marpipe bench`); any other error (the spec itself is wrong) is raised.
+    `staged`, for `marpipe bench`); aoti where no C++ compiler is found is `skipped`, with the reason; any other
+    error (the spec itself is wrong) is raised.
     """
-    from pipeline.stages import export, package, parity
+    from pipeline.stages import aoti, export, package, parity
 
     fspec = spec.with_format(fmt, suffix=False)
     folder = workdir / fmt
     folder.mkdir(parents=True, exist_ok=True)
     candidate = Candidate(fmt, workdir=folder)
+    missing = aoti.compiler_missing() if fmt == "aoti" else None
+    if missing:
+        candidate.status, candidate.error, candidate.exit_code = "skipped", missing, ExportError.exit_code
+        return candidate
     try:
-        exported = export.run(fspec, loaded, folder)
+        exported = export.run(fspec, loaded, folder, device)
+        candidate.compile_s = exported.compile_s
         sources = package.stage_sources(fspec, folder)
         meta = package.metadata(fspec, loaded, exported)
         candidate.staged = {"spec": fspec, "exported": exported, "sources": sources, "meta": meta}

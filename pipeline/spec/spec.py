@@ -21,7 +21,7 @@ from pipeline.spec.reader import Reader as _Reader
 from pipeline.spec.requests import ImageSpec, OutputLabels, TextSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
-FORMATS = ("eager", "torchscript", "onnx")  # in order of simplicity: auto prefers the earlier on a tie
+FORMATS = ("eager", "torchscript", "onnx", "aoti")  # in order of simplicity: auto prefers the earlier on a tie
 AUTO = "auto"  # every candidate format through parity, the fastest packaged (pipeline/build/auto.py)
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,9 +1,10 @@
-"""Stage export: write the serving artifact: the state_dict (eager), a TorchScript module, or ONNX."""
+"""Stage export: write the serving artifact: the state_dict (eager), a TorchScript module, ONNX, or an AOTInductor
+package (`aoti`, in its own module)."""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,12 @@ from handlers.marpipe_serving.models import call
 from pipeline.errors import ExportError, SpecError
 from pipeline.sources.arch import forward_order
 from pipeline.spec.spec import BATCH, Spec
-from pipeline.stages import inputs
+from pipeline.stages import aoti, inputs
 from pipeline.stages.load import Loaded
 from pipeline.store import repro
 
 TWO_GB = 2 * 1024**3
-ARTIFACTS = {"eager": "weights.pt", "torchscript": "model.pt", "onnx": "model.onnx"}
+ARTIFACTS = {"eager": "weights.pt", "torchscript": "model.pt", "onnx": "model.onnx", "aoti": aoti.ARTIFACT}
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Exported:
     files: list[Path]  # what goes into the archive; files[0] is the artifact the handler opens
     output_names: list[str]
     detail: str
+    platform: dict[str, Any] = field(default_factory=dict)  # aoti: what the package is compiled for (marpipe.json)
+    compile_s: float | None = None  # aoti: the compile's seconds (the build line and report, never the archive)
 
 
 def run_eager(spec: Spec, model: Any, tensors: dict[str, Any], by_name: bool = False) -> Any:
@@ -73,7 +76,9 @@ def output_names(spec: Spec, model: Any, example: dict[str, Any], by_name: bool 
     return names
 
 
-def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
+def run(spec: Spec, loaded: Loaded, workdir: Path, device: str = "cpu") -> Exported:
+    """The artifact of `spec.export.format` in `workdir`; `device`: what parity runs on (an aoti package is compiled
+    for it)."""
     import torch
 
     fmt = spec.export.format
@@ -95,6 +100,9 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
         return Exported(fmt, [path, *extra], names, "state_dict (normalised)")
     if fmt == "torchscript":
         return Exported(fmt, [path, *extra], names, _torchscript(spec, loaded.model, example, loaded.by_name, path))
+    if fmt == "aoti":
+        done = aoti.export(spec, loaded.model, example, loaded.by_name, path, device)
+        return Exported(fmt, [path, *extra], names, done.detail, done.platform, done.compile_s)
     files = _onnx(spec, loaded.model, example, loaded.by_name, names, path)
     return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter})")
 

@@ -99,7 +99,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         "artifact": exported.files[0].name,
         "architecture": architecture(spec),
         "call": "keyword" if loaded.by_name else "positional",
-        # what the eager handler imports beyond torch and numpy; TorchScript and ONNX archives need none
+        # what the eager handler imports beyond torch and numpy (TorchScript and ONNX archives need none); aoti: torch's version
         "requirements": requirements(spec, loaded, exported.format),
         "inputs": [_input(t) for t in spec.inputs],
         "outputs": [_output(spec, n) for n in exported.output_names],
@@ -116,6 +116,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
             dtype=spec.checkpoint.dtype,
         ),
         "export": {"format": exported.format, "detail": exported.detail},
+        **({"platform": exported.platform} if exported.platform else {}),  # aoti: what the package is compiled for
         "serve": {
             "batch_size": s.batch_size,
             "max_batch_delay_ms": s.max_batch_delay_ms,
@@ -204,8 +205,14 @@ def architecture(spec: Spec) -> dict[str, Any]:
 
 def requirements(spec: Spec, loaded: Loaded, fmt: str) -> list[dict[str, str]]:
     """What the server must have beyond torch, numpy (and onnxruntime for ONNX): the packages an eager archive's
-    architecture imports, and the libraries its request forms need (Pillow for images, tokenizers for text)."""
+    architecture imports, the torch an aoti package was compiled against (its version without the local label:
+    `torch==2.13.0` takes 2.13.0+cpu and +cu128 alike; the handler checks the rest), and the libraries its request
+    forms need (Pillow for images, tokenizers for text)."""
     found = [dict(r, **{"for": "architecture"}) for r in loaded.source.requirements()] if loaded.source and fmt == "eager" else []
+    if fmt == "aoti":
+        import torch
+
+        found.append({"name": "torch", "version": torch.__version__.split("+")[0], "for": "aoti package"})
     for dist, why, needed in (("pillow", "image inputs", any(t.image for t in spec.inputs)), ("tokenizers", "text inputs", spec.text)):
         if needed and not any(r["name"].lower() == dist for r in found):
             meta = importlib.metadata.metadata(dist)
