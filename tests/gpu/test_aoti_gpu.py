@@ -1,5 +1,6 @@
 """aoti on a GPU: with `--device cuda` the package is compiled for that GPU (its compute capability and CUDA version
-recorded), passes parity there, and the handler's runner loads it on the GPU; a rebuild gives the same bytes."""
+recorded), passes parity there, and the handler's runner loads it on the GPU; a rebuild gives the same bytes.
+`make test-gpu DRY=1` rehearses it on the CPU (`gpu_device`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import Project, marpipe
+from conftest import Project, marpipe, needs_gpu
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, needs_gpu]
 
 
-def test_aoti_compiled_for_the_gpu(project: Project, tmp_path) -> None:
+def test_aoti_compiled_for_the_gpu(project: Project, tmp_path, gpu_device: str) -> None:
     from handlers.marpipe_serving.models import load_runner
 
     project.save(project.model("TinyImage").state_dict(), "image.pth")
@@ -26,20 +27,22 @@ def test_aoti_compiled_for_the_gpu(project: Project, tmp_path) -> None:
         export={"format": "aoti"},
         parity={"atol": 1e-4, "rtol": 1e-3},
     )
-    result = project.build("--device", "cuda", spec)
+    result = project.build("--device", gpu_device, spec)
     assert result.returncode == 0, result.stdout + result.stderr
     archive = project.store / "image.mar"
     with zipfile.ZipFile(archive) as z:
         meta = json.loads(z.read("marpipe.json"))
         z.extractall(tmp_path / "unpacked")
     record = meta["platform"]
-    assert meta["parity"]["device"] == "cuda" and record["device"] == "cuda"
-    assert record["capability"] == "{}.{}".format(*torch.cuda.get_device_capability(0)) and record["cuda"] == torch.version.cuda
-    runner = load_runner(str(tmp_path / "unpacked"), meta, "cuda:0", 0)
-    assert runner.device == "cuda:0"
+    assert meta["parity"]["device"] == gpu_device and record["device"] == gpu_device
+    if gpu_device == "cuda":
+        assert record["capability"] == "{}.{}".format(*torch.cuda.get_device_capability(0)) and record["cuda"] == torch.version.cuda
+    where = "cuda:0" if gpu_device == "cuda" else "cpu"
+    runner = load_runner(str(tmp_path / "unpacked"), meta, where, 0)
+    assert runner.device == where
     with np.load(tmp_path / "unpacked" / "parity_inputs.npz") as inputs, np.load(tmp_path / "unpacked" / "parity_outputs.npz") as outputs:
         got = runner({k: inputs[k] for k in inputs.files})
         np.testing.assert_allclose(got["output"], outputs["output"], atol=1e-4, rtol=1e-3)
-    again = marpipe("build", "--device", "cuda", "--store", str(tmp_path / "again"), str(spec))
+    again = marpipe("build", "--device", gpu_device, "--store", str(tmp_path / "again"), str(spec))
     assert again.returncode == 0, again.stdout + again.stderr
     assert (tmp_path / "again" / "image.mar").read_bytes() == archive.read_bytes()
