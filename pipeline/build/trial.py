@@ -1,4 +1,5 @@
-"""One candidate format tried for a spec: exported, checked by the parity gate, timed as the handler serves it.
+"""One candidate format (at a precision) tried for a spec: exported, checked by the parity gate (the accuracy gate
+below fp32), timed as the handler serves it.
 
 `auto` tries every candidate and packages the fastest; `marpipe bench` tries each format to report its latency.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ExportError, ParityError
+from pipeline.spec import precision as precisions
 from pipeline.spec.spec import Spec
 
 STATUS = {ExportError: "failed export", ParityError: "failed parity"}
@@ -23,6 +25,7 @@ class Candidate:
     """One format tried for a spec: its status, and what packaging the winner needs."""
 
     format: str
+    precision: str = precisions.FP32
     status: str = "passed"  # passed | failed export | failed parity
     error: str | None = None
     exit_code: int = 0
@@ -31,26 +34,38 @@ class Candidate:
     workdir: Path | None = None
     staged: dict[str, Any] = field(default_factory=dict)  # exported, sources, meta, parity (for packaging)
 
+    @property
+    def label(self) -> str:
+        """`onnx`, `onnx:int8`: as auto's record names it."""
+        return precisions.label(self.format, self.precision)
+
     def record(self) -> dict[str, Any]:
         """What the archive keeps: no timings (the bytes must not depend on how busy the machine was)."""
         return {"status": self.status, **({"error": self.error} if self.error else {})}
 
     def report(self) -> dict[str, Any]:
-        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms}
+        """The build's report: the timings, and each output's agreement and cosine with eager once parity passed."""
+        checked = self.staged.get("parity")
+        measures = {"outputs": {n: r.measured.as_dict() for n, r in checked.outputs.items()}} if checked else {}
+        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms, **measures}
 
 
-def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True) -> Candidate:
-    """Export `fmt`, check parity (the eager model is kept for the next candidate), time it as the handler runs it.
+def try_format(
+    spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True, precision: str | None = None
+) -> Candidate:
+    """Export `fmt` (at `precision`, else the spec's), check parity (the eager model is kept for the next candidate),
+    time it as the handler runs it.
 
     Export and parity failures become the candidate's status (what was staged before a parity failure stays in
     `staged`, for `marpipe bench`); any other error (the spec itself is wrong) is raised.
     """
     from pipeline.stages import export, package, parity
 
-    fspec = spec.with_format(fmt, suffix=False)
-    folder = workdir / fmt
+    fspec = spec.with_format(fmt, suffix=False, precision=precision)
+    candidate = Candidate(fmt, fspec.export.precision)
+    folder = workdir / candidate.label.replace(":", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    candidate = Candidate(fmt, workdir=folder)
+    candidate.workdir = folder
     try:
         exported = export.run(fspec, loaded, folder)
         sources = package.stage_sources(fspec, folder)

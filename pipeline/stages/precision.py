@@ -1,0 +1,123 @@
+"""`export.precision` in the build: the model every torch-based format exports at that precision, ONNX's int8
+quantization, and the devices a precision runs on.
+
+`model` and `example` are the one place where a torch-based exporter (eager, TorchScript, and any later one that
+starts from a torch module) gets its model and inputs at the spec's precision. How a model is cast or quantized is
+the handler's own (handlers/marpipe_serving/precision.py), so a build quantizes a model exactly as the server
+rebuilds it. The fp32 eager model stays as it was loaded: parity's reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from handlers.marpipe_serving import precision as serving
+from pipeline.errors import ExportError, SpecError, first_line
+from pipeline.spec.precision import FP32
+from pipeline.spec.spec import Spec
+from pipeline.store import repro
+
+# Measured on an Intel Xeon with AMX (docs/formats.md), one thread, a BERT-shaped encoder (4 layers, width 768,
+# 128 tokens): fp16 took 54 ms a row and 1571 ms for 32 rows against fp32's 59 and 1569 (no gain, even with
+# AVX512-FP16); bf16 took 18 and 415 ms with AMX, but 77 and 2343 ms with AVX512-BF16 alone, 220 and 6325 ms with
+# AVX-512 and 608 and 18675 ms with AVX2 (oneDNN limited by ONEDNN_MAX_CPU_ISA).
+FP16_CPU = "on a CPU it was no faster than fp32, measured in docs/formats.md"
+BF16_CPU = "without AMX, bf16 was 1.3x to 10x slower than fp32, measured in docs/formats.md"
+
+
+def model(spec: Spec, fp32: Any) -> Any:
+    """The module to export at `spec.export.precision`: `fp32` itself at fp32, else a copy (int8: quantized;
+    fp16/bf16: cast). The copy never holds a second float32 copy of the weights: an int8 copy shares the layers'
+    float tensors until quantize_dynamic replaces the layers (it reads their weights, never writes them), an
+    fp16/bf16 copy is made of the cast tensors."""
+    precision = spec.export.precision
+    if precision == FP32:
+        return fp32
+    import torch
+
+    tensors = {id(t): t for t in [*fp32.parameters(), *fp32.buffers()]}
+    if precision != "int8":
+        dtype = serving.compute_dtype({"precision": precision})
+        for t in fp32.parameters():
+            if t.is_floating_point():
+                tensors[id(t)] = torch.nn.Parameter(t.detach().to(dtype), requires_grad=False)
+        for t in fp32.buffers():
+            if t.is_floating_point():
+                tensors[id(t)] = t.to(dtype)
+    try:
+        twin = copy.deepcopy(fp32, dict(tensors))
+        return serving.quantize(twin) if precision == "int8" else twin.eval()
+    except Exception as exc:
+        raise ExportError(f"{spec.name}: the model at {precision}: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def example(spec: Spec, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The inputs the exported model is traced with: float inputs in an fp16/bf16 model's type, as the handler casts."""
+    dtype = serving.compute_dtype({"precision": spec.export.precision})
+    if dtype is None:
+        return tensors
+    return {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+
+
+def eager_state(spec: Spec, exported: Any, fp32: Any) -> dict[str, Any]:
+    """What an eager archive at a lower precision holds: the cast weights, or the int8 ones (`serving.int8_state`)."""
+    if spec.export.precision == "int8":
+        return serving.int8_state(exported, fp32)
+    return exported.state_dict()
+
+
+def quantize_onnx(spec: Spec, source: Path, path: Path) -> list[Path]:
+    """`source` (an fp32 ONNX model) dynamically quantized to int8 into `path`, by onnxruntime's quantizer: weights
+    int8 per output channel, activations uint8 computed per batch (per channel: higher agreement than per tensor
+    at the same speed; int8 weights: uint8 ones ran at fp32's speed at batch 32; docs/formats.md). The files
+    written, `path` first."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = any(p.name.startswith(source.name) and p != source for p in source.parent.iterdir())
+    quiet = logging.getLogger()  # the quantizer logs advice (pre-processing) at warning level on the root logger
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        quantize_dynamic(str(source), str(path), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external)
+        onnx.checker.check_model(str(path), full_check=False)
+        repro.onnx(path)
+    except Exception as exc:
+        raise ExportError(f"{spec.name}: onnx int8 quantization (onnxruntime) failed: {type(exc).__name__}: {first_line(exc)}") from None
+    finally:
+        quiet.level = level
+    return [path, *sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p != path)]
+
+
+def device(spec: Spec, dev: str, named: str | None, where: str = "export.precision") -> str:
+    """The device parity runs `spec` on at its precision. `named`: the setting that asked for `dev` (`--device` or
+    `parity.device`), None when parity.device auto chose it; `where`: the spec field to name in an error."""
+    import torch
+
+    precision = spec.export.precision
+    head = f"{spec.source}: {where}: {precision}"
+    if precision == "int8" and dev == "cuda":
+        if named is None:
+            return "cpu"  # int8 is served on the CPU, whatever the server has
+        raise SpecError(f"{head} runs on the CPU (dynamic quantization has no CUDA kernels) and {named} is cuda; use cpu or auto")
+    if precision == "fp16" and dev == "cpu":
+        why = f"{named} is cpu" if named else "torch sees no GPU here"
+        raise SpecError(f"{head} runs on a GPU only ({FP16_CPU}) and {why}; use int8 (or bf16 with AMX) on a CPU, or build on a GPU")
+    if precision == "bf16" and dev == "cpu" and not cpu_bf16():
+        raise SpecError(f"{head} on a CPU needs AMX-BF16, which this one lacks ({BF16_CPU}); use fp32 or int8 here, or bf16 on a GPU")
+    if precision == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SpecError(f"{head}: this GPU has no bf16 arithmetic (compute capability 8.0 or newer has); use fp16")
+    return dev
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX-BF16, usable: the OS enabled the tiles)."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if capabilities is None or amx is None:
+        return False
+    return bool(capabilities().get("amx_bf16")) and bool(amx())
