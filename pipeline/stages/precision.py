@@ -20,12 +20,12 @@ from pipeline.spec.precision import FP32
 from pipeline.spec.spec import Spec
 from pipeline.store import repro
 
-# Measured on an Intel Xeon with AMX (docs/formats.md), one thread, a BERT-shaped encoder (4 layers, width 768,
-# 128 tokens): fp16 took 54 ms a row and 1571 ms for 32 rows against fp32's 59 and 1569 (no gain, even with
-# AVX512-FP16); bf16 took 18 and 415 ms with AMX, but 77 and 2343 ms with AVX512-BF16 alone, 220 and 6325 ms with
-# AVX-512 and 608 and 18675 ms with AVX2 (oneDNN limited by ONEDNN_MAX_CPU_ISA).
-FP16_CPU = "on a CPU it was no faster than fp32, measured in docs/formats.md"
-BF16_CPU = "without AMX, bf16 was 1.3x to 10x slower than fp32, measured in docs/formats.md"
+# Measured (`python benchmarks/precision_bench.py --only dtypes`, docs/formats.md) on an Intel Xeon with AMX, one
+# thread, a BERT-shaped encoder (4 layers, width 768, 128 tokens), batch 1 / 32: fp32 60 / 1680 ms; fp16 54 / 1472
+# (1.1x, with AVX512-FP16) but 456 / 17238 without it (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16); bf16 20 / 376 with AMX,
+# 84 / 2438 with AVX512-BF16 alone, 221 / 6581 with AVX-512, 430 / 16784 with AVX2.
+FP16_CPU = "on a CPU it was 1.1x faster than fp32 at best, where bf16 was 3-4x, and 6.5-11x slower without AVX512-FP16"
+BF16_CPU = "without AMX, bf16 was 1.3x to 9x slower than fp32 (docs/formats.md)"
 
 
 def model(spec: Spec, fp32: Any) -> Any:
@@ -104,7 +104,7 @@ def device(spec: Spec, dev: str, named: str | None, where: str = "export.precisi
         raise SpecError(f"{head} runs on the CPU (dynamic quantization has no CUDA kernels) and {named} is cuda; use cpu or auto")
     if precision == "fp16" and dev == "cpu":
         why = f"{named} is cpu" if named else "torch sees no GPU here"
-        raise SpecError(f"{head} runs on a GPU only ({FP16_CPU}) and {why}; use int8 (or bf16 with AMX) on a CPU, or build on a GPU")
+        raise SpecError(f"{head} runs on a GPU only ({FP16_CPU}: docs/formats.md) and {why}; use bf16 (with AMX) or int8 on a CPU")
     if precision == "bf16" and dev == "cpu" and not cpu_bf16():
         raise SpecError(f"{head} on a CPU needs AMX-BF16, which this one lacks ({BF16_CPU}); use fp32 or int8 here, or bf16 on a GPU")
     if precision == "bf16" and dev == "cuda" and not torch.cuda.is_bf16_supported():
