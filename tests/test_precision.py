@@ -88,6 +88,8 @@ def test_int8_in_every_format_is_served_within_the_gate_and_an_outlier_fails_it(
     assert meta["precision"] == "int8" and "int8 (onnxruntime, per channel)" in meta["export"]["detail"]
     assert meta["parity"]["gate"]["agreement"] == 0.99 and meta["parity"]["gate"]["generated_rows"] == 200
     assert meta["parity"]["outputs"]["output"] == {"agreement": 0.99, "cosine": 0.99, "passed": True}
+    entry = next(e for e in json.loads((project.store / "index.json").read_text())["archives"] if e["name"] == "mlp")
+    assert entry["precision"] == "int8" and entry["parity"] == {"output": {"agreement": 0.99, "cosine": 0.99}}
     with zipfile.ZipFile(project.store / "mlp.mar") as z:
         ops = {n.op_type for n in onnx.load_from_string(z.read("model.onnx")).graph.node}
         assert "MatMulInteger" in ops

@@ -87,8 +87,9 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
     path = workdir / ARTIFACTS[fmt]
     extra = _config_json(loaded, workdir)
     at = spec.export.precision
-    if at != FP32 and fmt != "onnx":  # the torch module and inputs at that precision (pipeline/stages/precision.py)
-        model, example = precision.model(spec, loaded.model), precision.example(spec, example)
+    # the torch module and inputs at the spec's precision (fp32: the loaded model and inputs themselves), what every
+    # torch-based format exports; ONNX's int8 is the fp32 export, quantized by onnxruntime (pipeline/stages/precision.py)
+    model, example = precision.model(spec, loaded.model), precision.example(spec, example)
     if fmt == "eager" and at != FP32:
         torch.save(precision.eager_state(spec, model, loaded.model), path)
         return Exported(fmt, [path, *extra], names, f"state_dict ({at})")
@@ -103,15 +104,15 @@ def run(spec: Spec, loaded: Loaded, workdir: Path) -> Exported:
         torch.save(loaded.model.state_dict(), path)
         return Exported(fmt, [path, *extra], names, "state_dict (normalised)")
     if fmt == "torchscript":
-        how = _torchscript(spec, loaded.model if at == FP32 else model, example, loaded.by_name, path)
+        how = _torchscript(spec, model, example, loaded.by_name, path)
         return Exported(fmt, [path, *extra], names, how if at == FP32 else f"{how}, {at}")
-    if at == "int8":  # the fp32 export, quantized by onnxruntime
+    if at == "int8":
         (workdir / FP32).mkdir()
-        _onnx(spec, loaded.model, example, loaded.by_name, names, workdir / FP32 / path.name)
+        _onnx(spec, model, example, loaded.by_name, names, workdir / FP32 / path.name)
         files = precision.quantize_onnx(spec, workdir / FP32 / path.name, path)
         shutil.rmtree(workdir / FP32)
         return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter}), int8 (onnxruntime, per channel)")
-    files = _onnx(spec, loaded.model, example, loaded.by_name, names, path)
+    files = _onnx(spec, model, example, loaded.by_name, names, path)
     return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter})")
 
 

@@ -28,13 +28,17 @@ FP16_CPU = "on a CPU it was 1.1x faster than fp32 at best, where bf16 was 3-4x, 
 BF16_CPU = "without AMX, bf16 was 1.3x to 9x slower than fp32 (docs/formats.md)"
 
 
+# formats whose int8 is the fp32 export quantized by their own runtime (`quantize_onnx`), not torch's
+RUNTIME_INT8 = ("onnx",)
+
+
 def model(spec: Spec, fp32: Any) -> Any:
-    """The module to export at `spec.export.precision`: `fp32` itself at fp32, else a copy (int8: quantized;
-    fp16/bf16: cast). The copy never holds a second float32 copy of the weights: an int8 copy shares the layers'
-    float tensors until quantize_dynamic replaces the layers (it reads their weights, never writes them), an
-    fp16/bf16 copy is made of the cast tensors."""
+    """The module to export at `spec.export.precision`: `fp32` itself at fp32 (and for a runtime that quantizes the
+    fp32 export itself), else a copy (int8: quantized by torch; fp16/bf16: cast). The copy never holds a second
+    float32 copy of the weights: an int8 copy shares the layers' float tensors until quantize_dynamic replaces the
+    layers (it reads their weights, never writes them), an fp16/bf16 copy is made of the cast tensors."""
     precision = spec.export.precision
-    if precision == FP32:
+    if precision == FP32 or precision == "int8" and spec.export.format in RUNTIME_INT8:
         return fp32
     import torch
 
