@@ -71,7 +71,11 @@ def _served(srv, name: str, rows: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_int8_in_every_format_is_served_within_the_gate_and_an_outlier_fails_it(project: Project) -> None:
-    spec, model = _mlp(project, export={"format": "onnx", "precision": "int8"})
+    model = project.model("GeluMLP")
+    ref = np.random.default_rng(5).standard_normal((60, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.savez(project.root / "reference.npz", x=ref, output=model(torch.from_numpy(ref)).numpy())
+    spec, model = _mlp(project, export={"format": "onnx", "precision": "int8"}, parity={"reference": "reference.npz"})
     every, _ = _mlp(project, name="mlp8", export={"format": "eager", "precision": "int8"})
     report = project.root / "report.json"
     done = project.build(spec, "--report", str(report))
@@ -81,6 +85,8 @@ def test_int8_in_every_format_is_served_within_the_gate_and_an_outlier_fails_it(
     assert measured["precision"] == "int8"
     output = measured["parity"]["outputs"]["output"]
     assert output["agreement"] >= 0.99 and output["cosine"] >= 0.99 and output["rows"] == 215  # 15 parity rows + 200
+    assert output["reference"]["rows"] == 60 and output["reference"]["agreement"] >= 0.99  # the user's rows, apart
+    assert "; parity.reference: " in done.stdout and "✓ mlp: parity.reference reference.npz: 60 rows" in done.stdout
     done = project.build(every, "--format", "eager,torchscript")
     assert done.returncode == 0, done.stdout + done.stderr
 
