@@ -11,6 +11,7 @@ architecture needs (recorded as its requirements, e.g. transformers). TorchServe
 * ``npz``     — .npz bodies read and written without zipfile;
 * ``models``  — loading the archive's artifact and running it (eager, TorchScript, ONNX), thread choice;
 * ``architectures`` — building the eager model from marpipe.json (file, factory, transformers), tied weights;
+* ``precision`` — an archive's precision: fp16/bf16 casts, int8 quantization and the int8 eager rebuild;
 * ``requirements`` — the third-party distributions an eager archive needs, checked at load;
 * ``service`` — TorchServe's entry: decode each request on its own, batch, predict, encode.
 """
