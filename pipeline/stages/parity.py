@@ -368,15 +368,19 @@ def _print(spec: Spec, records: dict[str, OutputRecord], runs: int) -> None:
     for name, r in records.items():
         mark = "✗" if r.failures else "✓"
         if r.limits:
-            m = r.measured
-            agreement = "-" if m.agreement is None else f"{m.agreement:.4f}"
-            reference = f"; parity.reference: {r.reference.agreement or 0:.4f}, {r.reference.cosine or 0:.5f}" if r.reference else ""
+            m, ref = r.measured, r.reference
+            reference = f"; parity.reference: {_share(ref.agreement)}, {_share(ref.cosine, 5)}" if ref else ""
             print(
-                f"  {mark} {spec.name}/{name}: agreement {agreement}, cosine {m.cosine or 0:.5f} vs fp32 eager over {m.rows} rows "
-                f"(gate {r.limits[0]:g}, {r.limits[1]:g}; max abs {r.max_abs:.3g}){reference}"
+                f"  {mark} {spec.name}/{name}: agreement {_share(m.agreement)}, cosine {_share(m.cosine, 5)} vs fp32 eager over "
+                f"{m.rows} rows (gate {r.limits[0]:g}, {r.limits[1]:g}; max abs {r.max_abs:.3g}){reference}"
             )
             continue
         print(
             f"  {mark} {spec.name}/{name}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g} "
             f"(atol {r.atol:g}, rtol {r.rtol:g}, {runs} runs)",
         )
+
+
+def _share(value: float | None, digits: int = 4) -> str:
+    """A measure as printed: `-` where it was not measured (no top-1 in a row of one value, no rows)."""
+    return "-" if value is None else f"{value:.{digits}f}"
