@@ -59,9 +59,10 @@ lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check pipeline handlers tests examples benchmarks
 	$(VENV)/bin/ruff format --check pipeline handlers tests examples benchmarks
 
-bench: $(STAMP) $(CKPTS) ## packaging, cold-start, throughput and release (-j, cache) benchmarks (SIZE_GB=1 by default)
+bench: $(STAMP) $(CKPTS) ## packaging, cold-start, throughput, release (-j, cache) and precision (int8 vs fp32) benchmarks (SIZE_GB=1 by default)
 	$(PY) benchmarks/bench.py --size-gb $(or $(SIZE_GB),1)
 	$(PY) benchmarks/release_bench.py
+	$(PY) benchmarks/precision_bench.py
 
 clean: ## remove built archives, reports and example checkpoints
 	rm -rf $(STORE)/*.mar $(STORE)/*/ $(STORE)/index.json $(STORE)/.*.lock $(STORE)/.*.tmp build examples/checkpoints .pytest_cache .marpipe-serve

@@ -12,6 +12,7 @@ architecture needs (recorded as its requirements, e.g. transformers). TorchServe
 * ``models``  — loading the archive's artifact and running it (eager, TorchScript, ONNX, aoti), thread choice;
 * ``aoti``    — an aoti package: its platform record checked against this server, then loaded;
 * ``architectures`` — building the eager model from marpipe.json (file, factory, transformers), tied weights;
+* ``precision`` — an archive's precision: fp16/bf16 casts, int8 quantization and the int8 eager rebuild;
 * ``requirements`` — the third-party distributions an eager archive needs, checked at load;
 * ``service`` — TorchServe's entry: decode each request on its own, batch, predict, encode.
 """

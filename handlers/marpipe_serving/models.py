@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aoti
+from . import aoti, precision
 from .architectures import builder, has_non_persistent_buffers, load_weights, params_on_meta
 from .npz import read_npz
 from .requirements import check as check_requirements
@@ -170,14 +170,19 @@ def load_eager(model_dir: str, meta: dict, device: str) -> Any:
     if path.endswith(".safetensors"):
         state = read_safetensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with precision.quiet():
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if precision.of(meta) == "int8":  # its quantized layers are made by quantizing the float model first
+        with params_on_meta():
+            model = make()
+        return precision.load_int8(model.eval(), state, load_weights).requires_grad_(False)
     with torch.device("meta"):
         model = make()
     if has_non_persistent_buffers(model, model.state_dict()):
         with params_on_meta():  # their values come from the constructor; the weights still cost nothing
             model = make()
     load_weights(model, state, strict=True, assign=True)
-    return model.eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(device, precision.compute_dtype(meta))  # fp16/bf16: buffers too
 
 
 def call(module: Any, tensors: dict[str, Any], by_name: bool) -> Any:
@@ -195,12 +200,13 @@ class TorchRunner:
         self.inputs = meta["inputs"]
         self.output_names = [o["name"] for o in meta["outputs"]]
         self.by_name = meta.get("call") == "keyword"
+        self.dtypes = {t["name"]: torch_dtype(precision.input_dtype(meta, t["dtype"])) for t in self.inputs}  # fp16/bf16: cast
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         tensors = {t["name"]: torch.from_numpy(np.ascontiguousarray(arrays[t["name"]])) for t in self.inputs}
-        tensors = {t["name"]: tensors[t["name"]].to(self.device, torch_dtype(t["dtype"])) for t in self.inputs}
+        tensors = {t["name"]: tensors[t["name"]].to(self.device, self.dtypes[t["name"]]) for t in self.inputs}
         with torch.inference_mode():
             out = call(self.module, tensors, self.by_name)
         return name_outputs(out, self.output_names)
@@ -269,7 +275,9 @@ def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = No
     if fmt == "eager":
         return TorchRunner(load_eager(model_dir, meta, device), meta, device)
     if fmt == "torchscript":
-        return TorchRunner(torch.jit.load(path, map_location=device).eval(), meta, device)
+        with precision.quiet():  # an int8 module's quantized weights
+            module = torch.jit.load(path, map_location=device)
+        return TorchRunner(module.eval(), meta, device)
     if fmt == "onnx":
         return OnnxRunner(path, meta, gpu_id if device.startswith("cuda") else None, threads)
     if fmt == "aoti":  # refused here, in one line, on a server other than the one it was compiled for

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codecs, rows, v2
+from . import codecs, precision, rows, v2
 from .contract import Contract
 from .errors import BadRequest
 from .models import METADATA, serving_runner
@@ -38,10 +38,13 @@ class Service:
         import torch
 
         device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        if precision.of(self.meta) == "int8":  # its kernels are the CPU's (torch.ao's and onnxruntime's)
+            device, gpu_id = "cpu", None
         check_requirements(self.meta)  # Pillow, tokenizers, the architecture's packages: named, not an ImportError
         self.contract = Contract(self.meta, model_dir)
         self.runner, threads, why = serving_runner(model_dir, self.meta, device, gpu_id)
-        log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], self.meta["format"], device, threads, why)
+        fmt = self.meta["format"] + ("" if precision.of(self.meta) == "fp32" else f" {precision.of(self.meta)}")
+        log.info("marpipe: %s (%s) ready on %s, %d threads%s", self.meta["name"], fmt, device, threads, why)
 
     def handle(self, data: list, context: Any) -> list:
         results: list[Any] = [None] * len(data)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.build.trial import measure, try_format
+from pipeline.spec.precision import supports
 from pipeline.spec.spec import FORMATS, Spec
 from pipeline.stages import inputs
 
@@ -49,7 +50,8 @@ def bench(spec: Spec, formats: list[str] | None, iterations: int, device: str) -
     from pipeline.stages import load
 
     loaded = load.run(spec)  # once: every format starts from the same eager model
-    rows = [bench_format(spec, loaded, f, spec.parity.batch_sizes, iterations, device) for f in formats or FORMATS]
+    at = [f for f in formats or FORMATS if supports(f, spec.export.precision)]  # at the spec's precision (ONNX takes no fp16)
+    rows = [bench_format(spec, loaded, f, spec.parity.batch_sizes, iterations, device) for f in at]
     sizes = spec.parity.batch_sizes
     print(f"\n{spec.name}: in-process latency on {device}, median / p90 of {iterations} runs (ms)")
     print(f"{'format':<12} {'parity':<10} {'max abs':>9} {'compile':>8}  " + "  ".join(f"{'batch ' + str(b):>15}" for b in sizes))

@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.build import cache, reports
 from pipeline.build.steps import STAGES
 from pipeline.errors import PipelineError, SpecError
+from pipeline.spec import precision
 from pipeline.spec.spec import Spec, load_spec
 from pipeline.store import signing, stores
 
@@ -50,7 +51,7 @@ def shard_of(name: str, count: int) -> int:
 
 def plan(specs: list[Spec], formats: list[str] | None, part: tuple[int, int] | None = None, layout: str = "mar") -> list[Spec]:
     """Every (spec, format) build in spec order, this shard's only when `part` is given."""
-    jobs = [s.with_format(f, suffix=len(formats) > 1) for s in specs for f in formats] if formats else list(specs)
+    jobs = [job for s in specs for job in precision.builds(s, formats)] if formats else list(specs)
     names = [j.name for j in jobs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

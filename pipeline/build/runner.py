@@ -28,7 +28,7 @@ def build(
 
     if spec.export.format == AUTO:  # every candidate format, the fastest packaged: pipeline/build/auto.py
         return auto.build(spec, store, device, layout, build_key, sign_key)
-    report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format)
+    report = BuildReport(spec=str(spec.source), name=spec.name, format=spec.export.format, precision=spec.export.precision)
     dev = parity.resolve_device(spec, device)
     workdir = steps.workdir(spec.name)
     try:

@@ -32,6 +32,7 @@ class BuildReport:
     spec: str
     name: str
     format: str
+    precision: str = "fp32"  # export.precision (auto: its choice's)
     stages: list[StageResult] = field(default_factory=lambda: [StageResult(s) for s in STAGES])
     archive: str | None = None
     error: str | None = None
@@ -46,6 +47,7 @@ class BuildReport:
             "spec": self.spec,
             "name": self.name,
             "format": self.format,
+            "precision": self.precision,
             "status": "failed" if self.error else "ok",
             "exit_code": self.exit_code,
             "error": self.error,

@@ -1,4 +1,5 @@
-"""One candidate format tried for a spec: exported, checked by the parity gate, timed as the handler serves it.
+"""One candidate format (at a precision) tried for a spec: exported, checked by the parity gate (the accuracy gate
+below fp32), timed as the handler serves it.
 
 `auto` tries every candidate and packages the fastest; `marpipe bench` tries each format to report its latency.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ExportError, ParityError
+from pipeline.spec import precision as precisions
 from pipeline.spec.spec import Spec
 
 STATUS = {ExportError: "failed export", ParityError: "failed parity"}
@@ -23,6 +25,7 @@ class Candidate:
     """One format tried for a spec: its status, and what packaging the winner needs."""
 
     format: str
+    precision: str = precisions.FP32
     status: str = "passed"  # passed | failed export | failed parity | skipped (aoti without a C++ compiler)
     error: str | None = None
     exit_code: int = 0
@@ -32,17 +35,29 @@ class Candidate:
     workdir: Path | None = None
     staged: dict[str, Any] = field(default_factory=dict)  # exported, sources, meta, parity (for packaging)
 
+    @property
+    def label(self) -> str:
+        """`onnx`, `onnx:int8`: as auto's record names it."""
+        return precisions.label(self.format, self.precision)
+
     def record(self) -> dict[str, Any]:
         """What the archive keeps: no timings (the bytes must not depend on how busy the machine was)."""
         return {"status": self.status, **({"error": self.error} if self.error else {})}
 
     def report(self) -> dict[str, Any]:
+        """The build's report: the timings (aoti: the compile's too), and each output's agreement and cosine with eager
+        once parity passed."""
+        checked = self.staged.get("parity")
+        measures = {"outputs": {n: r.measured.as_dict() for n, r in checked.outputs.items()}} if checked else {}
         compiled = {"compile_s": self.compile_s} if self.compile_s is not None else {}
-        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms, **compiled}
+        return {**self.record(), "median_ms": self.median_ms, "p90_ms": self.p90_ms, **compiled, **measures}
 
 
-def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True) -> Candidate:
-    """Export `fmt`, check parity (the eager model is kept for the next candidate), time it as the handler runs it.
+def try_format(
+    spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, time_it: bool = True, precision: str | None = None
+) -> Candidate:
+    """Export `fmt` (at `precision`, else the spec's), check parity (the eager model is kept for the next candidate),
+    time it as the handler runs it.
 
     Export and parity failures become the candidate's status (what was staged before a parity failure stays in
     `staged`, for `marpipe bench`); aoti where no C++ compiler is found is `skipped`, with the reason; any other
@@ -50,10 +65,11 @@ def try_format(spec: Spec, loaded: Any, fmt: str, workdir: Path, device: str, ti
     """
     from pipeline.stages import aoti, export, package, parity
 
-    fspec = spec.with_format(fmt, suffix=False)
-    folder = workdir / fmt
+    fspec = spec.with_format(fmt, suffix=False, precision=precision)
+    candidate = Candidate(fmt, fspec.export.precision)
+    folder = workdir / candidate.label.replace(":", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    candidate = Candidate(fmt, workdir=folder)
+    candidate.workdir = folder
     missing = aoti.compiler_missing() if fmt == "aoti" else None
     if missing:
         candidate.status, candidate.error, candidate.exit_code = "skipped", missing, ExportError.exit_code

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import SpecError
+from pipeline.spec import precision as precisions
 from pipeline.spec import requests
 from pipeline.spec.model import CAST_DTYPES, IDENT_RE, Architecture, parse_architecture, parse_generate
 from pipeline.spec.reader import Reader as _Reader
@@ -71,7 +72,8 @@ class Checkpoint:
 @dataclass(frozen=True)
 class Export:
     format: str = "eager"  # one of FORMATS, or AUTO
-    candidates: tuple[str, ...] = FORMATS  # what auto tries
+    candidates: tuple[str, ...] = FORMATS  # what auto tries: `format` or `format:precision` (pipeline/spec/precision.py)
+    precision: str = precisions.FP32  # fp32 | fp16 | bf16 | int8
     torchscript_method: str = "trace"
     onnx_opset: int | None = None
     onnx_exporter: str = "dynamo"
@@ -85,6 +87,8 @@ class Parity:
     device: str = "auto"
     samples: int = 3
     reference: Path | None = None  # an .npz of inputs and expected outputs from the user's own code
+    agreement: float = 0.99  # the accuracy gate of a precision other than fp32 (pipeline/stages/gate.py)
+    cosine: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,12 @@ class Spec:
     text: TextSpec | None = None  # text requests, tokenized into input_ids (attention_mask, token_type_ids)
     dim_max: dict[str, int] = field(default_factory=dict)  # the largest size a request may give a dynamic dim
 
-    def with_format(self, fmt: str, suffix: bool) -> Spec:
-        """This spec exported as `fmt`; with `suffix` the archive is named `<name>_<fmt>`."""
-        name = f"{self.name}_{fmt}" if suffix else self.name
-        return replace(self, name=name, export=replace(self.export, format=fmt))
+    def with_format(self, fmt: str, suffix: bool, precision: str | None = None, tag: bool = False) -> Spec:
+        """This spec exported as `fmt` (at `precision`, else its own); with `suffix` the archive is named
+        `<name>_<fmt>`, with `tag` too `<name>_<fmt>_<precision>`."""
+        precision = precision or self.export.precision
+        name = self.name + (f"_{fmt}" if suffix else "") + (f"_{precision}" if tag else "")
+        return replace(self, name=name, export=replace(self.export, format=fmt, precision=precision))
 
     def tolerance(self, output: str) -> tuple[float, float]:
         """(atol, rtol) for one output: its own override, else the spec's `parity` values."""
@@ -304,16 +310,16 @@ def _outputs(r: _Reader, value: Any) -> tuple[OutputSpec, ...] | None:
 
 
 def _export(r: _Reader, value: Any) -> Export:
-    m = r.mapping(value, "export", ("format", "candidates", "torchscript", "onnx"))
+    m = r.mapping(value, "export", ("format", "precision", "candidates", "torchscript", "onnx"))
     fmt = r.choice(m.get("format", "eager"), "export.format", (*FORMATS, AUTO))
-    candidates = FORMATS
+    precision = r.choice(m.get("precision", precisions.FP32), "export.precision", precisions.PRECISIONS)
+    if fmt != AUTO and not precisions.supports(fmt, precision):
+        raise r.fail("export.precision", precisions.why_not(fmt, precision))
+    candidates = precisions.default_candidates(FORMATS, precision)
     if m.get("candidates") is not None:
-        listed = [r.choice(c, f"export.candidates[{i}]", FORMATS) for i, c in enumerate(r.list_(m["candidates"], "export.candidates"))]
-        if not listed or len(set(listed)) != len(listed):
-            raise r.fail("export.candidates", f"give one or more different formats of {', '.join(FORMATS)}, got {listed}")
         if fmt != AUTO:
             raise r.fail("export.candidates", f"only format: auto tries candidates; format is {fmt}")
-        candidates = tuple(f for f in FORMATS if f in listed)
+        candidates = precisions.candidates(r, m["candidates"], FORMATS, precision)
     ts = r.mapping(m.get("torchscript"), "export.torchscript", ("method",))
     ox = r.mapping(m.get("onnx"), "export.onnx", ("opset", "exporter"))
     opset = ox.get("opset")
@@ -322,6 +328,7 @@ def _export(r: _Reader, value: Any) -> Export:
     return Export(
         format=fmt,
         candidates=candidates,
+        precision=precision,
         torchscript_method=r.choice(ts.get("method", "trace"), "export.torchscript.method", ("trace", "script")),
         onnx_opset=opset,
         onnx_exporter=r.choice(ox.get("exporter", "dynamo"), "export.onnx.exporter", ("dynamo", "torchscript")),
@@ -329,7 +336,7 @@ def _export(r: _Reader, value: Any) -> Export:
 
 
 def _parity(r: _Reader, value: Any) -> Parity:
-    m = r.mapping(value, "parity", ("atol", "rtol", "batch_sizes", "device", "samples", "reference"))
+    m = r.mapping(value, "parity", ("atol", "rtol", "batch_sizes", "device", "samples", "reference", "agreement", "cosine"))
     d = Parity()
     sizes = m.get("batch_sizes", list(d.batch_sizes))
     sizes = tuple(r.int_(s, f"parity.batch_sizes[{i}]", minimum=1) for i, s in enumerate(r.list_(sizes, "parity.batch_sizes")))
@@ -342,7 +349,16 @@ def _parity(r: _Reader, value: Any) -> Parity:
         device=r.choice(m.get("device", d.device), "parity.device", DEVICES),
         samples=r.int_(m.get("samples", d.samples), "parity.samples", minimum=1),
         reference=_reference(r, m.get("reference")),
+        agreement=_fraction(r, m.get("agreement", d.agreement), "parity.agreement"),
+        cosine=_fraction(r, m.get("cosine", d.cosine), "parity.cosine"),
     )
+
+
+def _fraction(r: _Reader, value: Any, path: str) -> float:
+    number = r.float_(value, path)
+    if not 0 < number <= 1:
+        raise r.fail(path, f"must be a fraction in (0, 1], e.g. 0.99, got {value}")
+    return number
 
 
 def _reference(r: _Reader, value: Any) -> Path | None:

@@ -1,8 +1,10 @@
 """Stage export: write the serving artifact: the state_dict (eager), a TorchScript module, ONNX, or an AOTInductor
-package (`aoti`, in its own module)."""
+package (`aoti`, in its own module); at the spec's precision (the model at that precision comes from
+pipeline/stages/precision.py)."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +13,9 @@ from typing import Any
 from handlers.marpipe_serving.models import call
 from pipeline.errors import ExportError, SpecError
 from pipeline.sources.arch import forward_order
+from pipeline.spec.precision import FP32
 from pipeline.spec.spec import BATCH, Spec
-from pipeline.stages import aoti, inputs
+from pipeline.stages import aoti, inputs, precision
 from pipeline.stages.load import Loaded
 from pipeline.store import repro
 
@@ -88,6 +91,13 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, device: str = "cpu") -> Expor
     names = output_names(spec, loaded.model, example, loaded.by_name)
     path = workdir / ARTIFACTS[fmt]
     extra = _config_json(loaded, workdir)
+    at = spec.export.precision
+    # the torch module and inputs at the spec's precision (fp32: the loaded model and inputs themselves), what every
+    # torch-based format exports; ONNX's int8 is the fp32 export, quantized by onnxruntime (pipeline/stages/precision.py)
+    model, example = precision.model(spec, loaded.model), precision.example(spec, example)
+    if fmt == "eager" and at != FP32:
+        torch.save(precision.eager_state(spec, model, loaded.model), path)
+        return Exported(fmt, [path, *extra], names, f"state_dict ({at})")
     if fmt == "eager":
         if loaded.verbatim:
             # The checkpoint loads as it is: link it, and packaging copies it once (its sha256 is known).
@@ -99,11 +109,19 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, device: str = "cpu") -> Expor
         torch.save(loaded.model.state_dict(), path)
         return Exported(fmt, [path, *extra], names, "state_dict (normalised)")
     if fmt == "torchscript":
-        return Exported(fmt, [path, *extra], names, _torchscript(spec, loaded.model, example, loaded.by_name, path))
+        how = _torchscript(spec, model, example, loaded.by_name, path)
+        return Exported(fmt, [path, *extra], names, how if at == FP32 else f"{how}, {at}")
     if fmt == "aoti":
-        done = aoti.export(spec, loaded.model, example, loaded.by_name, path, device)
-        return Exported(fmt, [path, *extra], names, done.detail, done.platform, done.compile_s)
-    files = _onnx(spec, loaded.model, example, loaded.by_name, names, path)
+        done = aoti.export(spec, model, example, loaded.by_name, path, device)
+        detail = done.detail if at == FP32 else f"{done.detail}, {at}"
+        return Exported(fmt, [path, *extra], names, detail, done.platform, done.compile_s)
+    if at == "int8":
+        (workdir / FP32).mkdir()
+        _onnx(spec, model, example, loaded.by_name, names, workdir / FP32 / path.name)
+        files = precision.quantize_onnx(spec, workdir / FP32 / path.name, path)
+        shutil.rmtree(workdir / FP32)
+        return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter}), int8 (onnxruntime, per channel)")
+    files = _onnx(spec, model, example, loaded.by_name, names, path)
     return Exported(fmt, files + extra, names, f"onnx ({spec.export.onnx_exporter})")
 
 

@@ -16,6 +16,7 @@ from handlers.marpipe_serving.architectures import ATTN_IMPLEMENTATION
 from pipeline.digests import versions as installed
 from pipeline.errors import SpecError
 from pipeline.sources.hf import fast_tokenizer
+from pipeline.spec.precision import FP32
 from pipeline.spec.requests import hook_functions
 from pipeline.spec.spec import Spec, TensorSpec
 from pipeline.stages import samples
@@ -117,6 +118,7 @@ def metadata(spec: Spec, loaded: Loaded, exported: Exported) -> dict[str, Any]:
         ),
         "export": {"format": exported.format, "detail": exported.detail},
         **({"platform": exported.platform} if exported.platform else {}),  # aoti: what the package is compiled for
+        **({"precision": spec.export.precision} if spec.export.precision != FP32 else {}),  # absent: fp32 (the handler's rule)
         "serve": {
             "batch_size": s.batch_size,
             "max_batch_delay_ms": s.max_batch_delay_ms,

@@ -2,7 +2,8 @@
 
 Compares output names, then shapes, then values (``|a-b| <= atol + rtol*|b|``, b the eager reference), on
 every batch size and at least two sizes of every other dynamic dim, several samples each. Prints one
-✓/✗ line per output, collects every failure and raises once: a failure stops the build.
+✓/✗ line per output, collects every failure and raises once: a failure stops the build. An archive at a precision
+other than fp32 is judged by the accuracy gate instead of atol/rtol (`pipeline/stages/gate.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from handlers.marpipe_serving import rows
 from handlers.marpipe_serving.rows import per_row, select_last
 from pipeline.errors import ParityError, SpecError, first_line
 from pipeline.spec.spec import Spec
-from pipeline.stages import inputs, reference, samples
+from pipeline.stages import gate, inputs, precision, reference, samples
 from pipeline.stages.compare import compare
 from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
@@ -35,8 +36,14 @@ class OutputRecord:
     nan: int = 0
     inf: int = 0
     failures: list[str] = field(default_factory=list)
+    limits: tuple[float, float] | None = None  # the gate's (agreement, cosine): a precision other than fp32
+    measured: gate.Tally = field(default_factory=gate.Tally)  # agreement and cosine vs eager, every build
+    reference: gate.Tally | None = None  # the same over parity.reference's rows (gated builds)
 
     def as_dict(self) -> dict[str, Any]:
+        extra = {"reference": self.reference.as_dict()} if self.reference else {}
+        if self.limits:
+            extra["gate"] = {"agreement": self.limits[0], "cosine": self.limits[1]}
         return {
             "atol": self.atol,
             "rtol": self.rtol,
@@ -45,12 +52,17 @@ class OutputRecord:
             "mismatched_fraction": self.mismatched,
             "nan": self.nan,
             "inf": self.inf,
+            **self.measured.as_dict(),
+            **extra,
             "passed": not self.failures,
         }
 
     def archived(self) -> dict[str, Any]:
-        """What the archive keeps: the tolerances it passed. The measured errors depend on the machine's threads
-        (onnxruntime's and torch's reductions split differently), so they go to the build's report only."""
+        """What the archive keeps: the tolerances (or the gate's thresholds) it passed. The measured errors depend on
+        the machine's threads (onnxruntime's and torch's reductions split differently), so they go to the build's
+        report only."""
+        if self.limits:
+            return {"agreement": self.limits[0], "cosine": self.limits[1], "passed": not self.failures}
         return {"atol": self.atol, "rtol": self.rtol, "passed": not self.failures}
 
 
@@ -66,6 +78,7 @@ class ParityResult:
     requests: list[samples.Sample] = field(default_factory=list)  # raw requests with the eager answers
     reference: dict[str, Any] | None = None  # parity.reference: its file, sha256 and the rows checked
     from_pretrained: bool = False  # a transformers model was checked against transformers' own from_pretrained
+    gate: dict[str, Any] | None = None  # a precision other than fp32: how the accuracy gate judged it (gate.archived)
 
     def record(self) -> dict[str, Any]:
         """The build's report: the measured errors included."""
@@ -76,6 +89,8 @@ class ParityResult:
         extra = {"reference": self.reference} if self.reference else {}
         if self.from_pretrained:
             extra["from_pretrained"] = True
+        if self.gate:
+            extra["gate"] = self.gate
         return {
             "device": self.device,
             "shapes": self.shapes,
@@ -85,17 +100,20 @@ class ParityResult:
         }
 
 
-def resolve_device(spec: Spec, override: str | None) -> str:
+def resolve_device(spec: Spec, override: str | None, where: str = "export.precision") -> str:
+    """The device parity runs on: `--device`, else parity.device (auto: cuda where torch sees a GPU), as the
+    spec's precision allows (`precision.device`; `where` names the spec field in its errors)."""
     import torch
 
     want = override or spec.parity.device
+    named = None if want == "auto" else "--device" if override else "parity.device"
     if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    elif want == "cuda" and not torch.cuda.is_available() and spec.export.precision != "int8":  # int8: named below
         if override:
             raise SpecError("--device cuda: torch sees no GPU here; use --device auto or cpu")
         raise SpecError(f"{spec.source}: parity.device: 'cuda' asked for, but torch sees no GPU here; use auto or cpu")
-    return want
+    return precision.device(spec, want, named, where)  # as the precision allows: int8 on the CPU
 
 
 def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device: str, release: bool = False) -> ParityResult:
@@ -129,18 +147,16 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     with one_thread():  # their answers are stored in the archive
         raw = _raw_samples(spec, model, workdir, meta, device, loaded.by_name, output_shapes([(d, e) for _, d, _, e in cases]))
     _check_labels(spec, meta, cases[0][3])
-    del model
-    if release:
-        loaded.release()
-    else:
-        loaded.model.to("cpu")
+    limits = gate.thresholds(spec)
+    if limits is None:  # a gated build still needs the fp32 model for the gate's rows: dropped after them
+        model = _let_go(loaded, release)
     try:
         runner = load_runner(str(workdir), meta, device, 0 if device == "cuda" else None, threads=torch.get_num_threads())
     except Exception as exc:
         raise ParityError(
             f"{spec.name}: the {spec.export.format} artifact does not load as the handler loads it: {type(exc).__name__}: {exc}"
         ) from None
-    records = {n: OutputRecord(*spec.tolerance(n)) for n in names}
+    records = {n: OutputRecord(*spec.tolerance(n), limits=limits) for n in names}
     ref_in: dict[str, np.ndarray] = {}
     ref_out: dict[str, np.ndarray] = {}
     cases += [(f"request {s.name}", None, s.arrays, s.expected) for s in raw]
@@ -155,10 +171,13 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
             _compare(records[n], expected[n], got.get(n), label)
         if i == stored:
             ref_in, ref_out = arrays, select_last(expected, arrays, rows.selected(meta))  # as the server answers
-    if ref is not None:
+    if ref is not None and limits is None:
         for failure in reference.check_rows(spec, ref, runner, f"the {spec.export.format} model"):
             name = failure.split(" ", 1)[0]
             records.get(name, next(iter(records.values()))).failures.append(f"parity.reference {ref.path.name}: {failure}")
+    if limits is not None:
+        _gate(spec, lambda a, m=model: _eager_rows(spec, m, a, names, device, loaded.by_name), runner, records, ref)
+        model = _let_go(loaded, release)
     del runner
     _print(spec, records, len(cases))
     if ref is not None:
@@ -170,13 +189,55 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
         if r.failures
     ]
     if failed:
-        raise ParityError(f"{spec.name}: {spec.export.format} parity failed on {device}: " + "; ".join(failed))
+        what = f"{spec.export.precision} accuracy gate" if limits else "parity"
+        raise ParityError(f"{spec.name}: {spec.export.format} {what} failed on {device}: " + "; ".join(failed))
     named = output_shapes([(dims, expected) for _, dims, _, expected in cases if dims is not None])
     _check_select(spec, named)
     result = ParityResult(device, shapes, spec.parity.samples, records, ref_in, ref_out, named, raw)
     result.reference = ref.record() if ref is not None else None
     result.from_pretrained = checked
+    result.gate = gate.archived(spec) if limits else None
     return result
+
+
+def _let_go(loaded: Loaded, release: bool) -> None:
+    """The eager model is done with: dropped (`release`), or back on the CPU for the next candidate of auto."""
+    if release:
+        loaded.release()
+    else:
+        loaded.model.to("cpu")
+
+
+def _gate(spec: Spec, eager: Any, runner: Any, records: dict[str, OutputRecord], ref: Any) -> None:
+    """A gated build's rows beyond the parity runs, through the fp32 eager model and the artifact: the gate's
+    generated rows, then parity.reference's (measured apart); then each output judged by its thresholds."""
+    sets = [(gate.rows(spec), "measured")]
+    if ref is not None:
+        for rec in records.values():
+            rec.reference = gate.Tally()
+        chunks = ({n: a[i : i + gate.CHUNK] for n, a in ref.inputs.items()} for i in range(0, ref.rows, gate.CHUNK))
+        sets.append((chunks, "reference"))
+    for batches, tally in sets:
+        for arrays in batches:
+            want = eager(arrays)
+            try:
+                got = runner(arrays)
+            except Exception as exc:
+                for rec in records.values():
+                    rec.failures.append(f"the gate's {tally} rows: {type(exc).__name__}: {first_line(exc)}")
+                return
+            for n, rec in records.items():
+                answer = got.get(n)
+                if answer is None or np.shape(answer) != want[n].shape:
+                    shape = "missing" if answer is None else f"has shape {list(np.shape(answer))} vs {list(want[n].shape)}"
+                    rec.failures.append(f"the gate's {tally} rows: {n} {shape}")
+                else:
+                    getattr(rec, tally).add(want[n], answer)
+    for rec in records.values():
+        rec.failures += gate.judge(rec.measured, rec.limits, "the parity runs and generated inputs, vs the fp32 eager model")
+        if rec.reference is not None:
+            found = gate.judge(rec.reference, rec.limits, f"parity.reference {ref.path.name}, vs the fp32 eager model")
+            rec.failures += [f"parity.reference {ref.path.name}: {f}" for f in found]
 
 
 def failed_any(records: dict[str, OutputRecord]) -> bool:
@@ -286,12 +347,13 @@ def _compare(rec: OutputRecord, expected: np.ndarray, got: np.ndarray | None, la
     if "max_abs" not in result:
         rec.failures.append(f"{label}: {result['why']}")
         return
+    rec.measured.add(expected, got)
     rec.max_abs = max(rec.max_abs, result["max_abs"])
     rec.max_rel = max(rec.max_rel, result["max_rel"])
     rec.mismatched = max(rec.mismatched, result["mismatched"])
     rec.nan += result["nan"]
     rec.inf += result["inf"]
-    if not result["ok"]:
+    if not result["ok"] and rec.limits is None:  # a gated output is judged by its measures (_gate)
         rec.failures.append(
             f"{label}: max abs error {result['max_abs']:.3g} > atol {rec.atol:g} + rtol {rec.rtol:g}·|eager|, "
             f"{100 * result['mismatched']:.1f}% of elements mismatched"
@@ -305,7 +367,20 @@ def _label(dims: dict[str, int]) -> str:
 def _print(spec: Spec, records: dict[str, OutputRecord], runs: int) -> None:
     for name, r in records.items():
         mark = "✗" if r.failures else "✓"
+        if r.limits:
+            m, ref = r.measured, r.reference
+            reference = f"; parity.reference: {_share(ref.agreement)}, {_share(ref.cosine, 5)}" if ref else ""
+            print(
+                f"  {mark} {spec.name}/{name}: agreement {_share(m.agreement)}, cosine {_share(m.cosine, 5)} vs fp32 eager over "
+                f"{m.rows} rows (gate {r.limits[0]:g}, {r.limits[1]:g}; max abs {r.max_abs:.3g}){reference}"
+            )
+            continue
         print(
             f"  {mark} {spec.name}/{name}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g} "
             f"(atol {r.atol:g}, rtol {r.rtol:g}, {runs} runs)",
         )
+
+
+def _share(value: float | None, digits: int = 4) -> str:
+    """A measure as printed: `-` where it was not measured (no top-1 in a row of one value, no rows)."""
+    return "-" if value is None else f"{value:.{digits}f}"

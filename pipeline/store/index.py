@@ -67,7 +67,12 @@ def entry(path: Path, meta: dict[str, Any] | None = None, known: dict[str, Any] 
         "size": size,
         "sha256": sha256,
         "build_key": meta.get("build_key"),
-        "parity": {k: {"atol": v.get("atol"), "rtol": v.get("rtol")} for k, v in sorted(outputs.items())},
+        # below fp32 the accuracy gate's thresholds, and the precision (absent: fp32)
+        "parity": {
+            k: {m: v.get(m) for m in (("agreement", "cosine") if "agreement" in v else ("atol", "rtol"))}
+            for k, v in sorted(outputs.items())
+        },
+        **({"precision": meta["precision"]} if meta.get("precision") else {}),
         "marpipe": (meta.get("versions") or {}).get("marpipe"),
         "signed": signature.is_file(),
         "signer": signing.signer(signature),

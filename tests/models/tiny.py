@@ -187,3 +187,17 @@ class TokenGRU(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(self.embed(ids))
         return self.fc(out[:, -1])
+
+
+class GeluMLP(nn.Module):
+    """Linear layers with GELU between them: what int8 dynamic quantization speeds up (benchmarks use 512 wide)."""
+
+    def __init__(self, n_in: int = 16, hidden: int = 32, layers: int = 3, classes: int = 4) -> None:
+        super().__init__()
+        dims = [n_in] + [hidden] * (layers - 1) + [classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = nn.functional.gelu(layer(x))
+        return self.layers[-1](x)
