@@ -187,8 +187,8 @@ def test_candidates_are_labels_in_order_and_format_all_names_each_precision(proj
 
     multi = spec("multi", format="auto", precision="int8", candidates=["onnx:fp32", "torchscript", "onnx", "eager:fp32"])
     assert multi.export.candidates == ("eager", "torchscript:int8", "onnx", "onnx:int8")  # a bare format: at export.precision
-    assert spec("d").export.candidates == ("eager", "torchscript", "onnx")  # default: fp32 only
-    assert spec("h", format="auto", precision="bf16").export.candidates == ("eager:bf16", "torchscript:bf16")
+    assert spec("d").export.candidates == ("eager", "torchscript", "onnx", "aoti")  # default: fp32 only
+    assert spec("h", format="auto", precision="bf16").export.candidates == ("eager:bf16", "torchscript:bf16", "aoti:bf16")
     one = spec("one", format="onnx", precision="int8")
     jobs = plan([multi, one, spec("plain")], ["eager", "torchscript", "onnx"])
     names = [(j.name, j.export.format, j.export.precision) for j in jobs]
@@ -244,14 +244,14 @@ def test_where_each_precision_runs(project: Project, monkeypatch: pytest.MonkeyP
 @pytest.mark.skipif(not build_precision.cpu_bf16(), reason="bf16 on a CPU needs AMX-BF16")
 def test_bf16_on_a_cpu_with_amx_builds_and_answers_float32(project: Project) -> None:
     spec, model = _mlp(project, name="bf", export={"format": "eager", "precision": "bf16"})
-    done = project.build(spec, "--format", "eager,torchscript")
+    done = project.build(spec, "--format", "eager,torchscript,aoti")
     assert done.returncode == 0, done.stdout + done.stderr
     from handlers.marpipe_serving.models import load_runner
 
     x = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    for fmt in ("eager", "torchscript"):
+    for fmt in ("eager", "torchscript", "aoti"):  # aoti: the bf16 module exported and compiled
         folder = project.root / fmt
         with zipfile.ZipFile(project.store / f"bf_{fmt}.mar") as z:
             z.extractall(folder)

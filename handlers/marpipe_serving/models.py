@@ -272,6 +272,11 @@ def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = No
 
     fmt = meta["format"]
     path = os.path.join(model_dir, meta["artifact"])
+    if device.startswith("cuda"):
+        # float32 matmuls and convolutions in float32, as parity checked them: TF32 (cuDNN's default for convolutions)
+        # would serve answers other than the ones the gate passed
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if fmt == "eager":
         return TorchRunner(load_eager(model_dir, meta, device), meta, device)
     if fmt == "torchscript":
