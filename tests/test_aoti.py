@@ -215,6 +215,11 @@ def test_without_a_compiler_aoti_fails_and_auto_skips_it(project: Project) -> No
     skipped = _meta(project.store / "auto.mar")["auto"]["candidates"]["aoti"]
     assert skipped["status"] == "skipped" and "no C++ compiler" in skipped["error"]
     assert not (project.store / "alone.mar").exists()
+    no_compiler = {"CXX": str(project.root / "no-such-compiler")}
+    every = project.build("--format", "all", "--store", str(project.root / "all"), alone, env=no_compiler)
+    assert every.returncode == 0, every.stdout + every.stderr  # the portable three; stderr says why not aoti
+    assert f"marpipe: --format all leaves out aoti: no C++ compiler: {missing}" in every.stderr.splitlines()
+    assert sorted(p.name for p in (project.root / "all").glob("*.mar")) == ["alone_eager.mar", "alone_onnx.mar", "alone_torchscript.mar"]
 
 
 @pytest.mark.parametrize(
