@@ -135,8 +135,6 @@ def runner(archive: Path, folder: Path) -> Any:
 
 def in_process(name: str, archives: dict[str, Path], folder: Path) -> dict[str, dict]:
     """Latency at batch 1 and 32 on one thread; agreement and cosine with fp32 eager over ROWS rows."""
-    from pipeline.build.trial import measure
-    from pipeline.stages.gate import Tally
 
     make = SPECS[name][2]
     rows = make(np.random.default_rng(1), ROWS)
@@ -145,23 +143,34 @@ def in_process(name: str, archives: dict[str, Path], folder: Path) -> dict[str, 
     out = {}
     for label, archive in archives.items():
         run = runner(archive, folder / label.replace(":", "_"))
-        tally = Tally()
-        tally.add(want["output"], _chunked(run, rows)["output"])
-        row: dict[str, Any] = {"agreement": tally.agreement, "cosine": tally.cosine, "bytes": archive.stat().st_size}
-        for batch in (1, 32):
-            arrays = make(np.random.default_rng(2), batch)
-            first = measure(run, arrays, 1, warmup=2)["median_ms"]
-            row[f"batch_{batch}"] = measure(run, arrays, max(5, min(200, int(1000 / max(first, 1e-3)))), warmup=1)
+        row = _timed_row(run, rows, want["output"], make)
+        row["bytes"] = archive.stat().st_size
         out[label] = row
         print(
             f"  {name:<8} {label:<17} b1 {row['batch_1']['median_ms']:9.3f} ms  b32 {row['batch_32']['median_ms']:9.3f} ms  "
-            f"agreement {tally.agreement:.4f}  cosine {tally.cosine:.5f}",
+            f"agreement {row['agreement']:.4f}  cosine {row['cosine']:.5f}",
             flush=True,
         )
     for label, row in out.items():
         fp32 = out[label.split(":")[0]]
         row["speedup"] = {b: fp32[b]["median_ms"] / row[b]["median_ms"] for b in ("batch_1", "batch_32")}
     return out
+
+
+def _timed_row(run: Any, rows: dict[str, np.ndarray], want: np.ndarray, make: Any) -> dict[str, Any]:
+    """Agreement and cosine of `run`'s answers to `rows` with `want`, and its latency at batch 1 and 32 (one
+    thread, about a second of runs each)."""
+    from pipeline.build.trial import measure
+    from pipeline.stages.gate import Tally
+
+    tally = Tally()
+    tally.add(want, _chunked(run, rows)["output"])
+    row: dict[str, Any] = {"agreement": tally.agreement, "cosine": tally.cosine}
+    for batch in (1, 32):
+        arrays = make(np.random.default_rng(2), batch)
+        first = measure(run, arrays, 1, warmup=2)["median_ms"]
+        row[f"batch_{batch}"] = measure(run, arrays, max(5, min(200, int(1000 / max(first, 1e-3)))), warmup=1)
+    return row
 
 
 def _chunked(run: Any, rows: dict[str, np.ndarray], step: int = 25) -> dict[str, np.ndarray]:
@@ -226,8 +235,6 @@ def variants(name: str, archives: dict[str, Path], folder: Path) -> dict[str, di
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from handlers.marpipe_serving.models import OnnxRunner
-    from pipeline.build.trial import measure
-    from pipeline.stages.gate import Tally
 
     make = SPECS[name][2]
     rows = make(np.random.default_rng(1), ROWS)
@@ -241,17 +248,11 @@ def variants(name: str, archives: dict[str, Path], folder: Path) -> dict[str, di
             path = folder / f"variant_{int(per_channel)}_{weights.name}.onnx"
             quantize_dynamic(str(folder / "onnx" / "model.onnx"), str(path), per_channel=per_channel, weight_type=weights)
             run = OnnxRunner(str(path), meta, None, 1)
-            tally = Tally()
-            tally.add(want, _chunked(run, rows)["output"])
-            row: dict[str, Any] = {"agreement": tally.agreement, "cosine": tally.cosine}
-            for batch in (1, 32):
-                arrays = make(np.random.default_rng(2), batch)
-                first = measure(run, arrays, 1, warmup=2)["median_ms"]
-                row[f"batch_{batch}"] = measure(run, arrays, max(5, min(200, int(1000 / max(first, 1e-3)))), warmup=1)
+            row = _timed_row(run, rows, want, make)
             out[label] = row
             print(
                 f"  {name:<8} onnx int8, {label:<28} b1 {row['batch_1']['median_ms']:9.3f} ms  b32 {row['batch_32']['median_ms']:9.3f} ms  "
-                f"agreement {tally.agreement:.4f}  cosine {tally.cosine:.5f}",
+                f"agreement {row['agreement']:.4f}  cosine {row['cosine']:.5f}",
                 flush=True,
             )
     return out
