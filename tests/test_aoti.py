@@ -239,3 +239,23 @@ def test_the_platform_check_names_what_differs(change: dict, why: str) -> None:
     gpu = {**server, "capability": "9.0", "cuda": "12.8"}
     assert aoti.mismatch({**record, "device": "cuda", "capability": "8.0", "cuda": "12.8"}, gpu) == "compute capability 8.0 vs 9.0"
     assert aoti.isa_name({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}) == "avx512 avx512_vnni"
+
+
+def test_the_build_key_holds_the_machine_for_every_aoti_candidate(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auto spec whose candidates include aoti at any precision (`aoti:bf16`) is bound to the machine as a plain aoti
+    build is: another compiler or CPU is another key; a spec without aoti is not."""
+    from pipeline.build import cache
+    from pipeline.spec.spec import load_spec
+
+    project.save(project.model("Linear").state_dict(), "tiny.pth")
+    specs = {
+        "aoti": project.spec(name="a", export={"format": "aoti"}),
+        "auto bf16": project.spec(name="b", export={"format": "auto", "precision": "bf16"}),
+        "auto onnx:int8": project.spec(name="c", export={"format": "auto", "candidates": ["aoti:bf16", "onnx:int8"]}),
+        "no aoti": project.spec(name="d", export={"format": "auto", "candidates": ["eager", "onnx:int8"]}),
+    }
+    keys = {}
+    for machine in ("one", "other"):
+        monkeypatch.setattr(cache.aoti, "key", lambda m=machine: {"compiler": m})
+        keys[machine] = {what: cache.build_key(load_spec(path), {}) for what, path in specs.items()}
+    assert [w for w in specs if keys["one"][w] != keys["other"][w]] == ["aoti", "auto bf16", "auto onnx:int8"]

@@ -26,6 +26,7 @@ from typing import Any
 import pipeline
 from pipeline.digests import file_sha256, tree_sha256, versions
 from pipeline.sources.imports import distributions_of
+from pipeline.spec.precision import split
 from pipeline.spec.spec import AUTO, Spec
 from pipeline.stages import aoti
 from pipeline.store.archive import fixed_time
@@ -62,7 +63,7 @@ def build_key(spec: Spec, opts: dict[str, Any]) -> str:
         "zip_time": list(fixed_time()),
     }
     fmt = spec.export.format
-    if fmt == "aoti" or (fmt == AUTO and "aoti" in spec.export.candidates):  # native code: bound to this machine
+    if fmt == "aoti" or (fmt == AUTO and any(split(c)[0] == "aoti" for c in spec.export.candidates)):  # native code: bound to this machine
         doc["aoti"] = aoti.key()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
