@@ -55,10 +55,12 @@ class SignatureError(PackageError):
     archive that fails verification: issue 21's contract)."""
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's first non-empty line (its type's name when it has none), for a one-line message."""
+def first_line(exc: BaseException, limit: int | None = 300, prefer: tuple[str, ...] = ()) -> str:
+    """An exception's first non-empty line (its type's name when it has none), for a one-line message; or, with
+    `prefer`, the first line that holds one of those words (where a banner comes before what failed)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+    text = next((ln for ln in lines if any(w in ln for w in prefer)), lines[0] if lines else type(exc).__name__)
+    return text[:limit]
 
 
 EXIT_CODES = {

@@ -112,7 +112,10 @@ class Package:
         import torch
         import torch.utils._pytree as pytree
         from torch._inductor import aoti_load_package
+        from torch.export._tree_utils import reorder_kwargs
 
+        self.device = device
+        self._flatten, self._reorder = pytree.tree_flatten, reorder_kwargs  # bound once: __call__ runs per batch
         index = torch.device(device).index if device.startswith("cuda") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations, on every load
@@ -120,10 +123,7 @@ class Package:
             self.in_spec = pytree.treespec_loads(self.model.loader.get_call_spec()[0])
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[Any]:
-        import torch.utils._pytree as pytree
-        from torch.export._tree_utils import reorder_kwargs
-
-        flat = pytree.tree_flatten((args, reorder_kwargs(kwargs, self.in_spec) if kwargs else kwargs))[0]
+        flat = self._flatten((args, self._reorder(kwargs, self.in_spec) if kwargs else kwargs))[0]
         return list(self.model.loader.boxed_run(flat))
 
 

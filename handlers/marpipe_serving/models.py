@@ -266,6 +266,15 @@ class OnnxRunner:
         return dict(zip(self.output_names, values))
 
 
+def exact_float32() -> None:
+    """float32 matmuls and convolutions in float32 on CUDA: TF32 off (cuDNN's default for convolutions). Parity, the
+    handler and the TorchScript tracer (which records the flag into every convolution) all run so."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = None, threads: int = 1) -> Any:
     """The callable that serves this archive's format."""
     import torch
@@ -273,10 +282,7 @@ def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = No
     fmt = meta["format"]
     path = os.path.join(model_dir, meta["artifact"])
     if device.startswith("cuda"):
-        # float32 matmuls and convolutions in float32, as parity checked them: TF32 (cuDNN's default for convolutions)
-        # would serve answers other than the ones the gate passed
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        exact_float32()  # as parity checked it: TF32 would serve answers other than the ones the gate passed
     if fmt == "eager":
         return TorchRunner(load_eager(model_dir, meta, device), meta, device)
     if fmt == "torchscript":
@@ -286,5 +292,6 @@ def load_runner(model_dir: str, meta: dict, device: str, gpu_id: int | None = No
     if fmt == "onnx":
         return OnnxRunner(path, meta, gpu_id if device.startswith("cuda") else None, threads)
     if fmt == "aoti":  # refused here, in one line, on a server other than the one it was compiled for
-        return TorchRunner(aoti.load(path, meta, device, gpu_id), meta, aoti.run_device(meta, device))
+        package = aoti.load(path, meta, device, gpu_id)
+        return TorchRunner(package, meta, package.device)
     raise ValueError(f"unknown format {fmt!r} in {METADATA}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import platform
@@ -34,8 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ExportError
+from handlers.marpipe_serving.aoti import cpu_flags
+from pipeline.errors import ExportError, first_line
 from pipeline.spec.spec import BATCH, Spec
+from pipeline.stages import inputs
 
 ARTIFACT = "model.pt2"
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -80,6 +83,7 @@ def compiler_missing() -> str | None:
     return "no C++ compiler: AOTInductor compiles the model with g++, which is not on PATH; install g++ (or set $CXX)"
 
 
+@functools.cache  # asked for by every build key and every export: the same answer for the process
 def compiler_version() -> str:
     """The compiler's first `--version` line, e.g. `g++ (Debian 12.2.0-14+deb12u1) 12.2.0`."""
     try:
@@ -107,13 +111,11 @@ def key() -> dict[str, Any]:
         except OSError:
             return None
 
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text(errors="replace") if cpuinfo.exists() else ""
-    flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    flags = cpu_flags()  # as the handler reads them
     found = importlib.util.find_spec("torch")
     return {
         "machine": platform.machine(),
-        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest() if cpuinfo.exists() else None,
+        "cpu_flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest() if flags is not None else None,
         "compiler": compiler_version() if not compiler_missing() else None,
         "folder": str(compile_folder()),
         "torch": str(Path(found.origin).parent) if found and found.origin else None,
@@ -173,12 +175,9 @@ def export(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, path:
     if missing:
         raise ExportError(f"{spec.name}: aoti: {missing}; or build another format")
     record = platform_record(device)
-    dims = {d: torch.export.Dim(d, min=1, max=spec.dim_max.get(d)) for d in [BATCH, *spec.dims]}
-    declared = {t.name: t for t in spec.inputs}
-    per_input = {n: {i: dims[d] for i, d in enumerate(declared[n].shape) if isinstance(d, str)} for n in example}
+    shapes = inputs.export_dims(spec, list(example), by_name, bounded=True)
     example = {n: t.to(device) for n, t in example.items()}
     args, kwargs = ((), example) if by_name else (tuple(example.values()), None)
-    shapes = per_input if by_name else tuple(per_input.values())
     repro.fresh_compiler_state()  # an export as if alone, whatever this process exported before
     model.to(device)
     try:
@@ -340,11 +339,7 @@ def _dim_of(spec: Spec, name: str, axis: int) -> str | None:
 def _first(exc: Exception) -> str:
     """The line of an export or compile error that says what failed (and the user's line it names, if any)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    for ln in lines:
-        if any(w in ln for w in ("data-dependent", "Unsupported", "not supported", "error:")):
-            text = ln
-            break
+    text = first_line(exc, None, prefer=("data-dependent", "Unsupported", "not supported", "error:"))
     call = next((i for i, ln in enumerate(lines) if ln.startswith("The following call raised this error")), None)
     if call is not None and call + 2 < len(lines):
         m = re.match(r'File "(.+)", line (\d+), in (\w+)', lines[call + 1])

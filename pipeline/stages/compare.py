@@ -10,14 +10,21 @@ import numpy as np
 EPS = 1e-12
 
 
+def shape_problem(expected: np.ndarray, got: np.ndarray | None) -> str | None:
+    """Why `got` cannot be compared with `expected` value by value (missing, or another shape); None if it can."""
+    if got is None:
+        return "missing from the answer"
+    if tuple(np.shape(got)) != tuple(expected.shape):
+        return f"shape {list(np.shape(got))} vs eager {list(expected.shape)}"
+    return None
+
+
 def compare(expected: np.ndarray, got: np.ndarray | None, atol: float, rtol: float) -> dict[str, Any]:
     """Shape, then values, with torch.allclose semantics (NaN matches NaN). Used by `marpipe smoke` too."""
-    if got is None:
-        return {"ok": False, "why": "missing from the answer"}
-    got = np.asarray(got)
-    if tuple(got.shape) != tuple(expected.shape):
-        return {"ok": False, "why": f"shape {list(got.shape)} vs eager {list(expected.shape)}"}
-    a = got.astype(np.float64)
+    why = shape_problem(expected, got)
+    if why:
+        return {"ok": False, "why": why}
+    a = np.asarray(got).astype(np.float64)
     b = expected.astype(np.float64)
     both_nan = np.isnan(a) & np.isnan(b)
     diff = np.where(both_nan, 0.0, np.abs(a - b))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from handlers.marpipe_serving.models import call
-from pipeline.errors import ExportError, SpecError
+from pipeline.errors import ExportError, SpecError, first_line
 from pipeline.sources.arch import forward_order
 from pipeline.spec.precision import FP32
 from pipeline.spec.spec import BATCH, Spec
@@ -168,15 +168,12 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names:
         kwargs["opset_version"] = spec.export.onnx_opset
     # by keyword: the inputs go in as kwargs, in forward's order (ONNX names them so); else positionally
     args, kwargs["kwargs"] = ((), example) if by_name else (tuple(example.values()), None)
-    declared = {t.name: t for t in spec.inputs}
     repro.fresh_compiler_state()  # an export as if alone, whatever this process exported before
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if spec.export.onnx_exporter == "dynamo":
-                dims = {d: torch.export.Dim(d, min=1) for d in [BATCH, *spec.dims]}
-                per_input = {n: {i: dims[d] for i, d in enumerate(declared[n].shape) if isinstance(d, str)} for n in example}
-                shapes = per_input if by_name else tuple(per_input.values())
+                shapes = inputs.export_dims(spec, list(example), by_name)
                 torch.onnx.export(
                     model,
                     args,
@@ -204,10 +201,6 @@ def _onnx(spec: Spec, model: Any, example: dict[str, Any], by_name: bool, names:
 
 
 def _first_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    for ln in lines:  # dynamo puts the useful part (the failing constraint or op) after a banner
-        if any(w in ln for w in ("Constraints violated", "Unsupported", "not supported", "specialized", "guard")):
-            text = ln
-            break
+    # dynamo puts the useful part (the failing constraint or op) after a banner
+    text = first_line(exc, None, prefer=("Constraints violated", "Unsupported", "not supported", "specialized", "guard"))
     return f"{type(exc).__name__}: {text}"[:400]

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.spec.precision import FP32
 from pipeline.spec.spec import BATCH, Spec
 from pipeline.stages import inputs
+from pipeline.stages.compare import shape_problem
 
 GATE_ROWS = 200
 CHUNK = 25  # rows per forward pass
@@ -117,9 +118,9 @@ def served(meta: dict[str, Any], expected: dict[str, np.ndarray], got: dict[str,
     for name, want in expected.items():
         limits = meta["parity"]["outputs"][name]
         answer = got.get(name)
-        if answer is None or np.shape(answer) != want.shape:
-            shape = "missing from the answer" if answer is None else f"shape {list(np.shape(answer))} vs {list(want.shape)}"
-            why.append(f"{name}: {shape}")
+        problem = shape_problem(want, answer)
+        if problem:
+            why.append(f"{name}: {problem}")
             continue
         tally = Tally()
         tally.add(want, np.asarray(answer))

@@ -69,3 +69,14 @@ def example(spec: Spec) -> dict[str, Any]:
     dims = {BATCH: max(2, max(spec.parity.batch_sizes))}
     dims.update({d: max(v) for d, v in spec.dims.items()})
     return make(spec, dims, SEED - 1)
+
+
+def export_dims(spec: Spec, names: list[str], by_name: bool, bounded: bool = False) -> Any:
+    """torch.export's `dynamic_shapes` for the inputs `names`: the batch and every declared dynamic dim as export
+    dims (each bounded by `dims.NAME.max` where `bounded`), by input name (`by_name`) or in order."""
+    import torch
+
+    dims = {d: torch.export.Dim(d, min=1, **({"max": spec.dim_max.get(d)} if bounded else {})) for d in [BATCH, *spec.dims]}
+    declared = {t.name: t for t in spec.inputs}
+    per_input = {n: {i: dims[d] for i, d in enumerate(declared[n].shape) if isinstance(d, str)} for n in names}
+    return per_input if by_name else tuple(per_input.values())

@@ -21,7 +21,7 @@ from handlers.marpipe_serving.rows import per_row, select_last
 from pipeline.errors import ParityError, SpecError, first_line
 from pipeline.spec.spec import Spec
 from pipeline.stages import gate, inputs, precision, reference, samples
-from pipeline.stages.compare import compare
+from pipeline.stages.compare import compare, shape_problem
 from pipeline.stages.export import run_eager
 from pipeline.stages.load import Loaded
 
@@ -121,10 +121,9 @@ def run(spec: Spec, loaded: Loaded, workdir: Path, meta: dict[str, Any], device:
     so a large model is never held twice."""
     import torch
 
-    from handlers.marpipe_serving.models import load_runner, name_outputs
+    from handlers.marpipe_serving.models import exact_float32, load_runner, name_outputs
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    exact_float32()
     names = [o["name"] for o in meta["outputs"]]
     model = loaded.model.to(device)
     shapes = inputs.shapes(spec)
@@ -228,9 +227,9 @@ def _gate(spec: Spec, eager: Any, runner: Any, records: dict[str, OutputRecord],
                 return
             for n, rec in records.items():
                 answer = got.get(n)
-                if answer is None or np.shape(answer) != want[n].shape:
-                    shape = "missing" if answer is None else f"has shape {list(np.shape(answer))} vs {list(want[n].shape)}"
-                    rec.failures.append(f"the gate's {tally} rows: {n} {shape}")
+                problem = shape_problem(want[n], answer)
+                if problem:
+                    rec.failures.append(f"the gate's {tally} rows: {n} {problem}")
                 else:
                     getattr(rec, tally).add(want[n], answer)
     for rec in records.values():

@@ -36,8 +36,9 @@ def fresh_jit_state() -> Any:
     import torch.jit._state as state
     import torch.jit._trace as trace
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    from handlers.marpipe_serving.models import exact_float32
+
+    exact_float32()
     unit = torch._C.CompilationUnit()
     state._python_cu = recursive._python_cu = trace._python_cu = unit
     recursive.concrete_type_store = recursive.ConcreteTypeStore()
